@@ -59,6 +59,10 @@ def test_runs_and_gates(tiny_model_dir, tmp_path, method):
     stats = [json.loads(l) for l in (tmp_path / "run" / "gate_stats.jsonl").read_text().splitlines()]
     module = next(iter(stats[-1]["modules"].values()))
     assert {"tau", "keep", "r_q10", "r_q50", "r_q90"} <= module.keys()
+    metrics = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6]
+    assert all(math.isfinite(m["loss"]) and m["tokens_per_s"] > 0 for m in metrics)
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
 
 
 def test_resume_after_sigkill_is_exact(tiny_model_dir, tmp_path):

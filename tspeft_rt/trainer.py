@@ -93,6 +93,7 @@ class Trainer:
         self.start_step = 0
         self.gate_keep: dict[str, float] = {}
         self._prepare_output(resume)
+        self.tensorboard = _tensorboard(self.out) if self.dist.main else None
         self.ddp = torch.nn.parallel.DistributedDataParallel(self.model) if self.dist.world > 1 else None
         trainable, total = count_parameters(self.model)
         self.log(f"{cfg.method}: {len(self.modules)} modules adapted, trainable parameters {trainable:,} "
@@ -272,12 +273,37 @@ class Trainer:
         if self.dist.main:
             with open(self.out / name, "a") as f:
                 f.write(json.dumps(record) + "\n")
+        if self.tensorboard is not None and name == "metrics.jsonl":
+            for key, value in _flatten(record).items():
+                self.tensorboard.add_scalar(key, value, record["step"])
+
+
+def _tensorboard(out: Path):
+    """A TensorBoard writer into <output_dir>/tensorboard when the package is installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
+
+
+def _flatten(record: dict, prefix: str = "") -> dict[str, float]:
+    out = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}/"))
+        elif isinstance(value, (int, float)) and key != "step":
+            out[prefix + key] = float(value)
+    return out
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> dict:
-    trainer = Trainer(cfg, resume)
+    trainer = None
     try:
+        trainer = Trainer(cfg, resume)
         return trainer.fit()
     finally:
+        if trainer is not None and trainer.tensorboard is not None:
+            trainer.tensorboard.close()
         if dist.is_initialized():
             dist.destroy_process_group()
