@@ -1,7 +1,12 @@
 """The `tspeft-rt` command line.
 
     tspeft-rt train configs/ts_lora_arc_easy.yaml [--set key=value ...] [--resume]
-    tspeft-rt config            # every training option with its help and default
+    tspeft-rt config                                    # every training option with its help and default
+    tspeft-rt export runs/demo runs/demo/adapter [--prune-below 0.2] [--max-modules 0.25 --rank-by keep]
+    tspeft-rt inspect runs/demo/adapter [--json]
+    tspeft-rt report runs/demo [--out keep_rates.png]
+    tspeft-rt generate --model smollm2-135m-instruct --adapter runs/demo/adapter "The capital of France is"
+    tspeft-rt eval --model smollm2-135m-instruct --adapter runs/demo/adapter --tasks arc_easy --limit 200
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ import dataclasses
 import json
 import os
 import sys
+from pathlib import Path
 
 import click
 
@@ -58,6 +64,111 @@ def show_config() -> None:
     for f in dataclasses.fields(TrainConfig):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         click.echo(f"{f.name} = {default!r}\n    {f.metadata['help']}")
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--prune-below", type=float, default=None, metavar="KEEP_RATE",
+              help="Drop modules whose training keep rate is under KEEP_RATE.")
+@click.option("--max-modules", type=float, default=None, metavar="N",
+              help="Keep at most N modules (N >= 1), or this fraction of them (0 < N < 1).")
+@click.option("--rank-by", type=click.Choice(["keep", "norm", "random"]), default="keep", show_default=True,
+              help="How --max-modules ranks modules: token keep rate, weight norm ||sBA||_F, or at random.")
+@click.option("--seed", type=int, default=0, help="Seed of --rank-by random.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists.")
+def export(checkpoint: Path, out_dir: Path, prune_below, max_modules, rank_by, seed, overwrite) -> None:
+    """Write the adapter of CHECKPOINT (a run folder or one checkpoint) to OUT_DIR."""
+    from tspeft_rt.export import export_checkpoint
+
+    adapter = export_checkpoint(checkpoint, out_dir, prune_below=prune_below, max_modules=max_modules,
+                                rank_by=rank_by, seed=seed, overwrite=overwrite)
+    click.echo(f"wrote {adapter.path}: {adapter.kind}, {len(adapter.modules)} modules, {len(adapter.pruned)} pruned")
+
+
+@main.command()
+@click.argument("adapter_dir", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def inspect(adapter_dir: Path, as_json: bool) -> None:
+    """Tell what ADAPTER_DIR is: kind, base model, modules with tau and keep rate, pruning, size."""
+    from tspeft_rt.adapter import describe, load_adapter
+
+    info = describe(load_adapter(adapter_dir))
+    if as_json:
+        click.echo(json.dumps(info, indent=1))
+        return
+    base = info["base_model"]
+    click.echo(f"{info['path']}: {info['kind']} adapter ({info['format']})")
+    click.echo(f"base model: {base.get('name')} ({base.get('model_type', '?')}, config hash "
+               f"{base.get('config_hash', '?')}); base_model_name_or_path {info['base_model_name_or_path']}")
+    click.echo(f"modules: {len(info['modules'])} adapted, {len(info['pruned'])} pruned; rank {info['rank']}, "
+               f"alpha {info['alpha']}, rsLoRA {'on' if info['use_rslora'] else 'off'}; "
+               f"size on disk {info['size_bytes'] / 1e6:.2f} MB")
+    if info["training"]:
+        t = info["training"]
+        click.echo(f"training: {t.get('method')}, {t.get('steps')} steps, skip rate {t.get('skip_rate', 0):.3f}")
+    if info["kind"].startswith("TS-"):
+        click.echo(f"{'module':<40} {'rank':>4} {'tau':>10} {'keep':>6}")
+        for name, m in info["modules"].items():
+            click.echo(f"{name:<40} {m['rank']:>4} {m['tau']:>10.5f} {m['keep_rate']:>6.3f}")
+    for name, p in info["pruned"].items():
+        click.echo(f"pruned {name}: {p['reason']}")
+    if info["warning"]:
+        click.echo(f"WARNING: {info['warning']}.")
+
+
+@main.command()
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Heatmap PNG (default: SOURCE/keep_rates.png).")
+def report(source: Path, out: Path | None) -> None:
+    """Module importance of a TS run folder or adapter: keep rate vs weight norm, and a heatmap."""
+    from tspeft_rt.report import heatmap, module_scores, table
+
+    scores = module_scores(source)
+    click.echo(table(scores))
+    png = heatmap(scores, out or source / "keep_rates.png", f"token keep rate: {source}")
+    click.echo(f"heatmap: {png}")
+
+
+@main.command()
+@click.option("--model", default="smollm2-135m-instruct", show_default=True, help="Base model folder or name.")
+@click.option("--adapter", "adapter_dir", default=None, help="Adapter directory (gates applied).")
+@click.option("--max-new-tokens", type=int, default=32, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 is greedy.")
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--chat", is_flag=True, help="Wrap each prompt in the tokenizer's chat template.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of completions.")
+@click.argument("prompts", nargs=-1, required=True)
+def generate(model, adapter_dir, max_new_tokens, temperature, top_p, seed, chat, as_json, prompts) -> None:
+    """Generate completions of PROMPTS with the adapter's gates applied (the serving reference)."""
+    from tspeft_rt.generate import generate as run, load_model_with_adapter
+
+    hf_model, tok, _ = load_model_with_adapter(model, adapter_dir)
+    outs = run(hf_model, tok, list(prompts), max_new_tokens=max_new_tokens, temperature=temperature,
+               top_p=top_p, chat=chat, seed=seed)
+    if as_json:
+        click.echo(json.dumps(outs))
+    else:
+        for prompt, out in zip(prompts, outs):
+            click.echo(f"{prompt!r} -> {out!r}")
+
+
+@main.command("eval")
+@click.option("--model", default="smollm2-135m-instruct", show_default=True, help="Base model folder or name.")
+@click.option("--adapter", "adapter_dir", default=None, help="Adapter directory (gates applied).")
+@click.option("--tasks", default="arc_easy", show_default=True, help="Comma-separated bundled tasks.")
+@click.option("--limit", type=int, default=None, help="First N validation examples per task.")
+@click.option("--batch-size", type=int, default=16, show_default=True)
+def evaluate(model, adapter_dir, tasks, limit, batch_size) -> None:
+    """Multiple-choice validation accuracy (log-likelihood; acc and acc_norm), printed as JSON."""
+    from tspeft_rt.evaluate import evaluate_tasks
+    from tspeft_rt.generate import load_model_with_adapter
+
+    hf_model, tok, _ = load_model_with_adapter(model, adapter_dir)
+    result = evaluate_tasks(hf_model, tok, tasks.split(","), limit, batch_size, progress=True)
+    click.echo(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

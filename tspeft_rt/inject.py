@@ -96,7 +96,7 @@ def _short(names: list[str]) -> str:
     return f"{', '.join(kinds)} (e.g. {names[0]})" if names else "none"
 
 
-def _pattern_value(name: str, pattern: dict, default: Any) -> Any:
+def pattern_value(name: str, pattern: dict, default: Any) -> Any:
     for key, value in pattern.items():  # PEFT's rule: the key matches the end of the path
         if re.match(rf"(.*\.)?({key})$", name):
             return value
@@ -114,8 +114,8 @@ def inject_adapters(model: nn.Module, spec: AdapterSpec, context: GateContext | 
         parent = model.get_submodule(parent_name)
         layer = GatedLinear(
             getattr(parent, child),
-            rank=int(_pattern_value(name, spec.rank_pattern, spec.rank)),
-            alpha=float(_pattern_value(name, spec.alpha_pattern, spec.alpha)),
+            rank=int(pattern_value(name, spec.rank_pattern, spec.rank)),
+            alpha=float(pattern_value(name, spec.alpha_pattern, spec.alpha)),
             dora=spec.method.endswith("dora"),
             gated=gated,
             dropout=spec.dropout,
@@ -124,19 +124,19 @@ def inject_adapters(model: nn.Module, spec: AdapterSpec, context: GateContext | 
             temperature=spec.gate_temperature,
         )
         setattr(parent, child, layer)
-    model.register_forward_pre_hook(_valid_tokens_hook(context), with_kwargs=True)
+    track_valid_tokens(model, context)
     return names
 
 
-def _valid_tokens_hook(context: GateContext):
-    """Tell the gates which flattened positions are real tokens, from the call's attention mask
+def track_valid_tokens(model: nn.Module, context: GateContext) -> None:
+    """Tell the gates which flattened positions are real tokens, from each call's attention mask
     (a mask of another length, as in cached generation, means: count every token)."""
 
     def hook(module, args, kwargs):
         mask = kwargs.get("attention_mask")
         context.valid = mask.reshape(-1).bool() if mask is not None and mask.dim() == 2 else None
 
-    return hook
+    model.register_forward_pre_hook(hook, with_kwargs=True)
 
 
 def adapted_layers(model: nn.Module) -> dict[str, GatedLinear]:

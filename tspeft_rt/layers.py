@@ -137,6 +137,11 @@ class _GateFn(torch.autograd.Function):
         return grad_out * keep, None, grad_tau, None
 
 
+def lora_scaling(alpha: float, rank: int, use_rslora: bool) -> float:
+    """s = alpha / r, or alpha / sqrt(r) with rsLoRA."""
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+
+
 class GatedLinear(nn.Module):
     """A frozen `nn.Linear` with a LoRA or DoRA adapter, optionally token-gated."""
 
@@ -159,7 +164,7 @@ class GatedLinear(nn.Module):
         self.base_layer = base_layer
         base_layer.requires_grad_(False)
         self.rank, self.alpha, self.dora = rank, alpha, dora
-        self.scaling = alpha / math.sqrt(rank) if use_rslora else alpha / rank
+        self.scaling = lora_scaling(alpha, rank, use_rslora)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         weight = base_layer.weight
         self.lora_A = nn.Linear(base_layer.in_features, rank, bias=False, device=weight.device)

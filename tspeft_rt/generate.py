@@ -1,0 +1,45 @@
+"""Reference inference: generation on the Hugging Face model with an adapter's gates applied.
+
+    tspeft-rt generate --model smollm2-135m-instruct --adapter runs/demo/adapter "The capital of France is"
+
+Serving must match this token for token (greedy). Each prompt runs on its own (no padding), and the
+gate of a token depends only on that token's activations, so cached decoding gives the same tokens
+as a full forward would.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tspeft_rt.adapter import Adapter, attach_adapter, load_adapter
+from tspeft_rt.inject import load_base_model
+
+
+def load_model_with_adapter(model: str, adapter_dir: str | None, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer, adapter or None); the adapter is validated before the model is loaded."""
+    adapter: Adapter | None = load_adapter(adapter_dir) if adapter_dir else None
+    hf_model, tokenizer = load_base_model(model, dtype)
+    if adapter is not None:
+        attach_adapter(hf_model, adapter)
+    hf_model.eval()
+    return hf_model, tokenizer, adapter
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 32, temperature: float = 0.0,
+             top_p: float = 1.0, chat: bool = False, seed: int = 0) -> list[str]:
+    """Completions of each prompt: greedy at temperature 0, else sampled (seeded)."""
+    outputs = []
+    for prompt in prompts:
+        if chat:
+            ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                return_tensors="pt", return_dict=True)["input_ids"]
+        else:
+            ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+        torch.manual_seed(seed)
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else \
+            {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        out = model.generate(ids.to(model.device), attention_mask=torch.ones_like(ids).to(model.device),
+                             max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling)
+        outputs.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    return outputs
