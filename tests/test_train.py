@@ -140,3 +140,17 @@ def test_dense_baselines_have_no_gate(tiny_model_dir, tmp_path, method):
     result = train(build_config(tiny_config(tiny_model_dir, tmp_path / "run", method=method, steps=2), "test"))
     assert "train_skip" not in result
     assert not any("token_gate" in k for k in final_adapter(tmp_path / "run"))
+
+
+def test_bf16_and_chat_data(tiny_model_dir, tmp_path):
+    """bf16 base weights with fp32 adapters, on a user's chat-format JSON-lines file."""
+    data = tmp_path / "chat.jsonl"
+    rows = [{"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
+                          {"role": "assistant", "content": f"{2 * i}"}]} for i in range(16)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = tiny_config(tiny_model_dir, tmp_path / "run", dtype="bf16", data_files=[str(data)], steps=4)
+    result = train(build_config(cfg, "test"))
+    adapter = final_adapter(tmp_path / "run")
+    assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in adapter.values())
+    assert any(k.endswith("lora_B.weight") and t.abs().sum() > 0 for k, t in adapter.items())
+    assert 0.0 <= result["train_skip"] < 1.0

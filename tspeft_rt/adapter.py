@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,17 +167,30 @@ def _check_config(path: Path, cfg: dict) -> None:
             raise AdapterError(f"{path}: key {key!r} must be {expected}, found {cfg.get(key, '<missing>')!r}")
 
     need("peft_type", cfg.get("peft_type") == "LORA", '"LORA"')
-    need("r", isinstance(cfg.get("r"), int) and not isinstance(cfg.get("r"), bool) and cfg["r"] > 0,
-         "a positive integer")
-    need("lora_alpha", isinstance(cfg.get("lora_alpha"), (int, float)) and not isinstance(cfg.get("lora_alpha"), bool),
-         "a number")
+    need("r", _positive_int(cfg.get("r")), "a positive integer")
+    need("lora_alpha", _positive_number(cfg.get("lora_alpha")), "a finite number > 0")
     need("target_modules", isinstance(cfg.get("target_modules"), list)
          and all(isinstance(t, str) for t in cfg["target_modules"]), "a list of module paths")
     need("use_dora", isinstance(cfg.get("use_dora", False), bool), "true or false")
     need("use_rslora", isinstance(cfg.get("use_rslora", False), bool), "true or false")
     need("bias", cfg.get("bias", "none") == "none", '"none"')
-    for key in ("rank_pattern", "alpha_pattern"):
-        need(key, isinstance(cfg.get(key) or {}, dict), "an object {pattern: value}")
+    for key, valid in (("rank_pattern", _positive_int), ("alpha_pattern", _positive_number)):
+        pattern = cfg.get(key) or {}
+        need(key, isinstance(pattern, dict) and all(valid(v) for v in pattern.values()),
+             f"an object {{pattern: {'rank' if key == 'rank_pattern' else 'alpha'}}} with values > 0")
+        for regex in pattern:
+            try:
+                re.compile(regex)
+            except re.error as e:
+                raise AdapterError(f"{path}: {key} key {regex!r} is not a valid regular expression ({e})") from None
+
+
+def _positive_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _positive_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
 
 
 def _check_gate_config(path: Path, cfg: dict) -> None:
@@ -189,11 +203,23 @@ def _check_gate_config(path: Path, cfg: dict) -> None:
         raise AdapterError(f"{path}: key 'criterion' must be 'l2_ratio_ge', found {cfg.get('criterion')!r}")
     if cfg.get("eps") != EPS:
         raise AdapterError(f"{path}: key 'eps' must be {EPS}, found {cfg.get('eps')!r}")
+    if cfg.get("method") not in ("lora", "dora"):
+        raise AdapterError(f"{path}: key 'method' must be 'lora' or 'dora', found {cfg.get('method')!r}")
     base = cfg.get("base_model")
-    if not (isinstance(base, dict) and isinstance(base.get("config_hash"), str)):
-        raise AdapterError(f"{path}: key 'base_model' must be an object with 'name' and 'config_hash'")
-    if not isinstance(cfg.get("pruned", {}), dict):
-        raise AdapterError(f"{path}: key 'pruned' must be an object {{module: {{keep_rate, reason}}}}")
+    if not (isinstance(base, dict) and isinstance(base.get("config_hash"), str) and isinstance(base.get("name"), str)):
+        raise AdapterError(f"{path}: key 'base_model' must be an object with string 'name' and 'config_hash'")
+    pruned = cfg.get("pruned", {})
+    if not (isinstance(pruned, dict) and all(
+            isinstance(p, dict) and isinstance(p.get("reason"), str) and _is_rate(p.get("keep_rate"))
+            for p in pruned.values())):
+        raise AdapterError(f"{path}: key 'pruned' must be an object {{module: {{keep_rate in [0, 1], reason}}}}")
+    for key in ("pruning", "training"):
+        if not isinstance(cfg.get(key, {}), dict):
+            raise AdapterError(f"{path}: key {key!r} must be an object, found {type(cfg[key]).__name__}")
+
+
+def _is_rate(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v <= 1.0
 
 
 def _check_tensor(path: Path, key: str, t: torch.Tensor, shape: tuple, dtypes=_FLOAT_DTYPES) -> None:
@@ -222,6 +248,8 @@ def load_adapter(path: str | Path) -> Adapter:
                                ".lora_B.weight or .lora_magnitude_vector")
         grouped.setdefault(m.group(1), {})[m.group(2)] = t
     targets = set(config["target_modules"])
+    if not grouped:
+        raise AdapterError(f"{wpath}: holds no adapted modules")
     if set(grouped) != targets:
         missing, extra = sorted(targets - set(grouped)), sorted(set(grouped) - targets)
         raise AdapterError(f"{wpath}: modules do not match target_modules in {ADAPTER_CONFIG}: "
@@ -263,6 +291,10 @@ def _load_gates(path: Path, modules: dict[str, ModuleAdapter]) -> dict | None:
                            f"{cpath.name if cpath.exists() else gpath.name}")
     gate_config = _read_json(cpath)
     _check_gate_config(cpath, gate_config)
+    dora = any(m.magnitude is not None for m in modules.values())
+    if (gate_config["method"] == "dora") != dora:
+        raise AdapterError(f"{cpath}: method is {gate_config['method']!r}, but the weights are "
+                           f"{'DoRA' if dora else 'LoRA'} (use_dora in {ADAPTER_CONFIG})")
     tensors = _read_tensors(gpath)
     gates: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():

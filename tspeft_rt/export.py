@@ -30,6 +30,7 @@ from tspeft_rt.inject import pattern_value
 from tspeft_rt.layers import lora_scaling
 
 RANK_BY = ("keep", "norm", "random")
+_CHECKPOINT_PARTS = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector", "token_gate.tau")
 
 
 def find_checkpoint(source: Path) -> Path:
@@ -44,22 +45,29 @@ def find_checkpoint(source: Path) -> Path:
 
 
 def read_checkpoint(ckpt: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
-    """(tensors grouped by module path, meta) of a checkpoint, with tau checked finite and >= 0."""
+    """(tensors grouped by module path, meta) of a checkpoint; every problem names the file and key."""
+    wfile, mfile = ckpt / "adapter.safetensors", ckpt / "meta.json"
     try:
-        tensors = load_file(ckpt / "adapter.safetensors")
-        meta = json.loads((ckpt / "meta.json").read_text())
+        tensors = load_file(wfile)
+        meta = json.loads(mfile.read_text())
     except Exception as e:  # noqa: BLE001 - damaged files raise many types
         raise CheckpointError(f"{ckpt}: unreadable checkpoint ({type(e).__name__}: {e})") from None
+    if not (isinstance(meta, dict) and isinstance(meta.get("config"), dict) and isinstance(meta.get("step"), int)):
+        raise CheckpointError(f"{mfile}: expected an object with 'config' (object) and 'step' (integer)")
+    keep_rates = meta.get("keep_rates") or {}
+    if not isinstance(keep_rates, dict) or not all(
+            isinstance(v, (int, float)) and 0.0 <= v <= 1.0 for v in keep_rates.values()):
+        raise CheckpointError(f"{mfile}: 'keep_rates' must map modules to numbers in [0, 1]")
     modules: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
-        for part in ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector", "token_gate.tau"):
-            if key.endswith("." + part):
-                modules.setdefault(key[: -len(part) - 1], {})[part] = t
-                break
-        else:
-            raise CheckpointError(f"{ckpt / 'adapter.safetensors'}: unexpected key {key!r}")
-        if part == "token_gate.tau" and not (math.isfinite(float(t)) and float(t) >= 0):
-            raise CheckpointError(f"{ckpt / 'adapter.safetensors'}: {key} is {float(t)}; expected a finite tau >= 0")
+        part = next((p for p in _CHECKPOINT_PARTS if key.endswith("." + p)), None)
+        if part is None:
+            raise CheckpointError(f"{wfile}: unexpected key {key!r}")
+        if not torch.isfinite(t).all():
+            raise CheckpointError(f"{wfile}: {key} holds non-finite values")
+        if part == "token_gate.tau" and (t.numel() != 1 or float(t) < 0):
+            raise CheckpointError(f"{wfile}: {key} is {t.tolist()}; expected one tau >= 0")
+        modules.setdefault(key[: -len(part) - 1], {})[part] = t
     return modules, meta
 
 
@@ -133,6 +141,9 @@ def export_checkpoint(source: str | Path, out: str | Path, *, prune_below: float
                       pruning={"prune_below": prune_below, "max_modules": max_modules, "rank_by": rank_by, "seed": seed},
                       training={"checkpoint": str(ckpt), "steps": meta["step"], "skip_rate": skip, "method": cfg.method})
         load_adapter(tmp)  # what was written must read back
+        tmp.chmod(0o755)  # mkdtemp makes it private; an adapter is read by servers and other users
+        for f in tmp.iterdir():
+            f.chmod(0o644)
         _replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
