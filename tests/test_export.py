@@ -27,7 +27,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from test_train import tiny_config
-from tspeft_rt.adapter import attach_adapter, describe, load_adapter
+from tspeft_rt.adapter import AdapterError, attach_adapter, describe, load_adapter
 from tspeft_rt.cli import main
 from tspeft_rt.config import build_config
 from tspeft_rt.checkpoint import latest_checkpoint
@@ -68,6 +68,16 @@ def train_run(model_dir: Path, root: Path, method: str, **over) -> Run:
     return Run(method, root / "run", adapter_dir, trainer.model, trainer.tokenizer)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: these models are tiny, and on a busy 2-core machine torch's spinning worker
+    threads made a training step ~40x slower. Restored after the module."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def runs(tiny_model_dir, tmp_path_factory):
     """runs(method) -> Run: the method trained on the tiny model (6 steps) and exported, cached."""
@@ -75,7 +85,7 @@ def runs(tiny_model_dir, tmp_path_factory):
 
     def get(method: str) -> Run:
         if method not in cache:
-            cache[method] = train_run(tiny_model_dir, tmp_path_factory.mktemp(method), method)
+            cache[method] = train_run(tiny_model_dir, tmp_path_factory.mktemp(method), method, micro_batch_size=4)
         return cache[method]
 
     return get
@@ -153,13 +163,19 @@ def test_round_trip_equals_trained_model(runs, tiny_model_dir, method):
     adapter = load_adapter(run.adapter_dir)
     assert adapter.kind == {"ts-lora": "TS-LoRA", "ts-dora": "TS-DoRA", "lora": "LoRA"}[method]
     assert len(adapter.modules) == N_TINY_MODULES
-    if method.startswith("ts-"):
-        assert all(m.tau > 0 for m in adapter.modules.values())
+    if method.startswith("ts-"):  # tau as trained, keep rate as last logged (fp32 in the file)
+        _, meta = checkpoint_meta(run)
+        trained = adapted_layers(run.model)
+        assert set(meta["keep_rates"]) == set(adapter.modules) == set(trained)
+        for name, m in adapter.modules.items():
+            assert m.tau > 0 and m.tau == trained[name].token_gate.tau.item()
+            assert m.keep_rate == pytest.approx(meta["keep_rates"][name], abs=1e-7)
+        assert min(meta["keep_rates"].values()) < 1, "no gate skipped a training token"
 
 
 @pytest.mark.slow
 def test_round_trip_on_bundled_model(bundled_dir, tmp_path):
-    run = train_run(bundled_dir, tmp_path, "ts-lora", steps=2, batch_size=2, micro_batch_size=2,
+    run = train_run(bundled_dir, tmp_path, "ts-lora", steps=3, batch_size=2, micro_batch_size=2,
                     tau_warmup_steps=1, warmup_steps=1, max_seq_len=64, lr=1e-3, max_train_examples=16)
     b = batch(run.tokenizer, [TEXTS[0], TEXTS[2]])
     want = valid_logits(run.model, b)
@@ -315,24 +331,31 @@ def test_pruning_changes_outputs_only_through_pruned_modules(runs, tiny_model_di
     assert max_diff(got, valid_logits(full_model, b)) <= 1e-6
 
 
-def test_pruning_dense_lora_by_norm(runs, tiny_model_dir, tmp_path):
-    """A dense run prunes by norm (no keep rates); the pruned adapter is the full one minus those modules."""
-    run = runs("lora")
-    out = tmp_path / "pruned"
-    adapter = export_checkpoint(run.run_dir, out, max_modules=4, rank_by="norm")
-    tensors, _ = checkpoint_meta(run)
-    norms = {m: torch.linalg.norm(2.0 * tensors[f"{m}.lora_B.weight"] @ tensors[f"{m}.lora_A.weight"]).item()
-             for m in module_names(tensors)}
-    assert set(adapter.modules) == set(sorted(norms, key=lambda m: -norms[m])[:4])
-    assert set(adapter.config["target_modules"]) == set(adapter.modules)
-    assert module_names(load_file(out / "adapter_model.safetensors")) == set(adapter.modules)
-    b = batch(run.tokenizer)
-    full_model, _ = attached(tiny_model_dir, run.adapter_dir)
-    for name, layer in adapted_layers(full_model).items():
-        if name not in adapter.modules:
-            layer.lora_B.weight.data.zero_()
-    pruned_model, _ = attached(tiny_model_dir, out)
-    assert max_diff(valid_logits(pruned_model, b), valid_logits(full_model, b)) <= 1e-6
+def test_pruning_a_dense_run_is_refused(runs, tmp_path):
+    """A dense run exports as plain PEFT LoRA, which cannot record pruning: refused, nothing written."""
+    with pytest.raises(AdapterError, match="record pruning"):
+        export_checkpoint(runs("lora").run_dir, tmp_path / "pruned", max_modules=4, rank_by="norm")
+    assert not (tmp_path / "pruned").exists()
+
+
+def test_cli_export_matches_api(runs, tmp_path):
+    run = runs("ts-lora")
+    api = tmp_path / "api"
+    export_checkpoint(run.run_dir, api, max_modules=5, rank_by="norm")
+    cli = tmp_path / "cli"
+    r = invoke(["export", run.run_dir, cli, "--max-modules", "5", "--rank-by", "norm"])
+    assert r.exit_code == 0, r.output
+    assert "TS-LoRA, 5 modules, 9 pruned" in r.stdout
+    a, c = read_export(api), read_export(cli)
+    assert a["config"] == c["config"]
+    assert a["gate_config"] == c["gate_config"]
+    for kind in ("weights", "gates"):
+        assert a[kind].keys() == c[kind].keys()
+        assert all(torch.equal(a[kind][k], c[kind][k]) for k in a[kind])
+    again = invoke(["export", run.run_dir, cli])
+    assert again.exit_code != 0 and "--overwrite" in again.output
+    assert invoke(["export", run.run_dir, cli, "--overwrite"]).exit_code == 0
+    assert len(load_adapter(cli).modules) == N_TINY_MODULES
 
 
 # ---- 4. inspect ----------------------------------------------------------------------------------------
@@ -357,7 +380,8 @@ def test_inspect_reports_the_files(runs, tmp_path, method):
     info = json.loads(r.stdout)
     assert info == json.loads(json.dumps(describe(load_adapter(d))))
     assert info["kind"] == kind
-    assert len(info["modules"]) == len(targets) and set(info["modules"]) == set(targets)
+    assert len(info["modules"]) == (5 if method == "pruned" else N_TINY_MODULES)
+    assert set(info["modules"]) == set(targets)
     assert info["size_bytes"] == size
     if gated:
         gates = load_file(d / "token_gate.safetensors")
@@ -366,7 +390,7 @@ def test_inspect_reports_the_files(runs, tmp_path, method):
             assert m["keep_rate"] == gates[f"{PREFIX}{name}.token_gate.keep_rate"].item()
             assert m["tau"] > 0
         assert info["pruned"] == json.loads((d / "token_gate_config.json").read_text())["pruned"]
-        assert "dense" in info["warning"] and "gate" in info["warning"]
+        assert info["warning"] and "dense" in info["warning"] and "gate" in info["warning"]
     else:
         assert all(m["tau"] is None and m["keep_rate"] is None for m in info["modules"].values())
         assert info["pruned"] == {} and info["warning"] is None

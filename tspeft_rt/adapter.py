@@ -43,6 +43,7 @@ GATE_WEIGHTS = "token_gate.safetensors"
 GATE_FORMAT = "tspeft-token-gate"
 GATE_FORMAT_VERSION = 1
 PREFIX = "base_model.model."
+_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, GATE_CONFIG, GATE_WEIGHTS)
 _WEIGHT_KEY = re.compile(r"^base_model\.model\.(.+)\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vector)$")
 _GATE_KEY = re.compile(r"^base_model\.model\.(.+)\.token_gate\.(tau|keep_rate)$")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -375,7 +376,7 @@ def describe(adapter: Adapter) -> dict:
         "pruned": adapter.pruned,
         "pruning": gate.get("pruning", {}),
         "training": gate.get("training", {}),
-        "size_bytes": sum(f.stat().st_size for f in adapter.path.iterdir() if f.is_file()),
+        "size_bytes": sum((adapter.path / f).stat().st_size for f in _FILES if (adapter.path / f).is_file()),
         "warning": ("stock PEFT, and vLLM without the tspeft-rt plugin, apply this adapter densely to every "
                     "token: the token gates are ignored there") if adapter.gated else None,
     }

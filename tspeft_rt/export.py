@@ -117,8 +117,10 @@ def export_checkpoint(source: str | Path, out: str | Path, *, prune_below: float
     if cfg.gated and set(keep_rates) != set(modules):
         raise CheckpointError(f"{ckpt / 'meta.json'}: keep_rates must cover every module (the run logs them "
                               "every log_every steps)")
-    if not cfg.gated and (prune_below is not None or rank_by == "keep" and max_modules is not None):
-        raise AdapterError(f"{ckpt}: a dense {cfg.method} run has no keep rates; prune with --rank-by norm or random")
+    if not cfg.gated and (prune_below is not None or max_modules is not None):
+        # A dense run exports as a plain PEFT LoRA with no token_gate_config.json to record pruning in.
+        raise AdapterError(f"{ckpt}: a dense {cfg.method} run exports as a plain PEFT adapter, which has no place "
+                           "to record pruning; prune a TS run, or choose modules with target_modules when training")
     scales = {n: module_scaling(cfg, n, m["lora_A.weight"].shape[0]) for n, m in modules.items()}
     scores = {n: {"keep_rate": float(keep_rates.get(n, 1.0)), "weight_norm": weight_norm(m, scales[n])}
               for n, m in modules.items()}
