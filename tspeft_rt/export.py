@@ -12,7 +12,6 @@ through the loader to validate it, and only then renamed into place.
 from __future__ import annotations
 
 import json
-import math
 import random
 import shutil
 import tempfile
