@@ -108,8 +108,9 @@ def model_identity(config: Any, name: str) -> dict:
 def write_adapter(out: Path, *, method: str, base_model: str, identity: dict, modules: dict[str, dict],
                   rank: int, alpha: float, use_rslora: bool, rank_pattern: dict, alpha_pattern: dict,
                   pruned: dict | None = None, pruning: dict | None = None, training: dict | None = None) -> None:
-    """Write the four files into the (empty) folder `out`. `modules[path]` holds lora_A, lora_B,
-    optionally lora_magnitude_vector, and for gated methods tau and keep_rate."""
+    """Write the adapter into the empty folder `out`: the two PEFT files, plus the two token_gate files
+    for a gated method. `modules[path]` holds lora_A.weight, lora_B.weight, optionally
+    lora_magnitude_vector, and for gated methods tau and keep_rate."""
     gated = method.startswith("ts-")
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
