@@ -3,7 +3,7 @@
 - Parity with PEFT's LoRA and DoRA layers (outputs and gradients of lora_A, lora_B, the magnitude
   vector and the input), ungated and gated with tau == 0, on SmolLM2-135M's module shapes.
 - The gated layer with tau > 0: output base + keep * m, and the sparse backward of `_GatedLoraFn`
-  (LoRA) / `_GateFn` (DoRA) against a plain autograd reference with a constant mask, for partial,
+  (LoRA) / `_GatedDoraFn` (DoRA) against a plain autograd reference with a constant mask, for partial,
   all-on and all-off masks, with tau trainable or frozen.
 - tau's straight-through gradient against the formula of tspeft_rt.gate, computed directly.
 - Leading batch dimensions, and a bf16 base layer with an fp32 adapter.
@@ -65,12 +65,12 @@ def make_layer(in_f, out_f, *, bias=True, rank=8, dora=False, gated=False, rslor
     return layer
 
 
-def make_peft(layer: GatedLinear, rslora: bool):
+def make_peft(layer: GatedLinear, rslora: bool, dropout: float = 0.0):
     """PEFT's LoRA/DoRA layer over a copy of `layer`'s base, holding `layer`'s adapter weights."""
     from peft import LoraConfig, get_peft_model
 
     cfg = LoraConfig(target_modules=["proj"], r=layer.rank, lora_alpha=layer.alpha, use_dora=layer.dora,
-                     use_rslora=rslora, lora_dropout=0.0, init_lora_weights=True)
+                     use_rslora=rslora, lora_dropout=dropout, init_lora_weights=True)
     peft_layer = get_peft_model(_Holder(copy.deepcopy(layer.base_layer)), cfg).base_model.model.proj
     params = dict(peft_layer.named_parameters())
     with torch.no_grad():
@@ -267,3 +267,27 @@ def test_bf16_base_fp32_adapter(dora, gated):
         tau_grad = layer.token_gate.tau.grad
         assert tau_grad.dtype == torch.float32 and math.isfinite(float(tau_grad)) and float(tau_grad) != 0.0
     assert layer.base_layer.weight.grad is None
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_dropout_in_training_matches_peft(dora):
+    """With dropout active (the `_GateFn` path for DoRA), the gated layer at tau 0 still equals PEFT
+    under the same dropout mask (same seed, one dropout draw per forward on both sides)."""
+    torch.manual_seed(0)
+    base = nn.Linear(64, 48)
+    layer = GatedLinear(base, rank=8, alpha=16.0, dora=dora, gated=True, dropout=0.3)
+    with torch.no_grad():
+        layer.lora_B.weight.normal_(std=0.1)
+    peft_layer, peft_params = make_peft(layer, rslora=False, dropout=0.3)
+    layer.train()
+    peft_layer.train()
+    x, gout = torch.randn(10, 64), torch.randn(10, 48)
+    torch.manual_seed(7)
+    out, gx = run(layer, x, gout)
+    torch.manual_seed(7)
+    ref, ref_gx = run(peft_layer, x, gout)
+    assert rel_err(out, ref) <= RTOL and rel_err(gx, ref_gx) <= RTOL
+    assert rel_err(layer.lora_A.weight.grad, peft_params["lora_A.default.weight"].grad) <= RTOL
+    torch.manual_seed(8)
+    other, _ = run(layer, x, gout)
+    assert rel_err(other, ref) > 1e-3  # dropout is really active

@@ -114,6 +114,54 @@ class _GatedLoraFn(torch.autograd.Function):
         return grad_x, grad_out, grad_A, grad_B, grad_tau, None, None, None
 
 
+class _GatedDoraFn(torch.autograd.Function):
+    """out = base + g * m with m = (c - 1) * (W0 x) + c * s B A x, c = mag / ||W0 + s B A||_row (detached).
+    Like `_GatedLoraFn`, the gradients of A, B, the magnitude and the input come from kept rows only;
+    it saves x, A x and W0 x (what PEFT's DoRA saves too), never the delta m."""
+
+    @staticmethod
+    def forward(ctx, x, base, A, B, mag, weight_norm, bias, tau, base_sq, scale, temperature):  # type: ignore[override]
+        w0x = base.to(A.dtype) if bias is None else base.to(A.dtype) - bias.to(A.dtype)
+        h = x @ A.t()  # [N, r]
+        c = mag / weight_norm  # [out]
+        m = (c - 1) * w0x + c * ((h @ B.t()) * scale)
+        delta_sq = row_sq_norm(m)
+        keep = gate_keep(delta_sq, base_sq, tau)
+        out = torch.addcmul(base, m.to(base.dtype), keep.unsqueeze(1).to(base.dtype))
+        ctx.save_for_backward(x, h, w0x, A, B, c, weight_norm, tau, delta_sq, base_sq)
+        ctx.scale, ctx.temperature = scale, temperature
+        ctx.mark_non_differentiable(delta_sq)
+        return out, delta_sq
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_delta_sq):  # type: ignore[override]
+        x, h, w0x, A, B, c, weight_norm, tau, delta_sq, base_sq = ctx.saved_tensors
+        s = ctx.scale
+        g = grad_out.to(B.dtype)
+        keep = gate_keep(delta_sq, base_sq, tau)
+        idx = keep.nonzero().squeeze(1)
+        cB = c.unsqueeze(1) * B  # [out, r]: d m / d h = s diag(c) B
+        grad_tau = None
+        if ctx.needs_input_grad[7]:
+            gcB = g @ cB  # [N, r], every token, for <dL/dout_i, m_i>
+            dots = torch.mv(g * w0x, c - 1) + s * (gcB * h).sum(-1)
+            w = surrogate_weight(delta_sq, base_sq, tau, ctx.temperature)
+            grad_tau = tau_grad(dots, w, tau)
+            gh = gcB.index_select(0, idx) * s
+        else:
+            gh = g.index_select(0, idx) @ cB * s
+        gk, hk = g.index_select(0, idx), h.index_select(0, idx)
+        grad_A = gh.t() @ x.index_select(0, idx)
+        grad_B = ((gk * c).t() @ hk) * s
+        grad_mag = (gk * (w0x.index_select(0, idx) + (hk @ B.t()) * s)).sum(0) / weight_norm
+        # W0 x is the base output itself, so the kept rows' (c - 1) * W0 x term sends gradient there too
+        grad_base = grad_out.index_add(0, idx, (gk * (c - 1)).to(grad_out.dtype))
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = x.new_zeros(x.shape).index_copy_(0, idx, gh @ A)
+        return grad_x, grad_base, grad_A, grad_B, grad_mag, None, None, grad_tau, None, None, None
+
+
 class _GateFn(torch.autograd.Function):
     """g * m for a precomputed delta m (TS-DoRA): m gets gradient on kept rows, tau the surrogate."""
 
@@ -217,7 +265,13 @@ class GatedLinear(nn.Module):
                 x2, base2, self.lora_A.weight, self.lora_B.weight, gate.tau, base_sq, self.scaling,
                 gate.temperature,
             )
-        else:
+        elif isinstance(self.lora_dropout, nn.Identity) or not self.training:
+            x2 = x.reshape(-1, x.shape[-1]).to(self.lora_A.weight.dtype)
+            out, delta_sq = _GatedDoraFn.apply(
+                x2, base2, self.lora_A.weight, self.lora_B.weight, self.lora_magnitude_vector,
+                self._weight_norm(), self.base_layer.bias, gate.tau, base_sq, self.scaling, gate.temperature,
+            )
+        else:  # DoRA with dropout applies W0 to the dropped-out input (as PEFT does): the generic gate
             m = self.delta(x, base).reshape(-1, shape[-1])
             gated_m, delta_sq = _GateFn.apply(m, base_sq, gate.tau, gate.temperature)
             out = base2 + gated_m.to(base.dtype)
