@@ -26,6 +26,7 @@ import torch
 from click.testing import CliRunner
 from conftest import make_tiny_llama
 from safetensors.torch import load_file, save_file
+from test_train import tiny_config
 
 from tspeft_rt.adapter import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, GATE_CONFIG, GATE_WEIGHTS, PREFIX, AdapterError,
                                attach_adapter, load_adapter)
@@ -40,15 +41,6 @@ from tspeft_rt.trainer import train
 
 BIN = Path(sys.executable).parent
 NAN, INF = float("nan"), float("inf")
-
-
-def tiny_config(model_dir: Path, out: Path, **over) -> dict:
-    """As tests/test_train.py's tiny_config: a few steps on 64 arc_easy examples, logging every step."""
-    cfg = dict(model=str(model_dir), output_dir=str(out), tasks=["arc_easy"], max_train_examples=64,
-               steps=3, batch_size=4, micro_batch_size=2, lr=1e-2, warmup_steps=1, tau_warmup_steps=2,
-               target_skip=0.5, log_every=1, save_every=3, eval_examples=0, progress=False, max_seq_len=64)
-    cfg.update(over)
-    return cfg
 
 
 def _train(model_dir: Path, out: Path, method: str, steps: int) -> Path:
