@@ -90,7 +90,7 @@ class SavedBytes:
         return sum(self.storages.values())
 
 
-def train_step(model, params, controller, optimizer, batch) -> tuple[float, int]:
+def train_step(model, controller, optimizer, batch) -> tuple[float, int]:
     device = batch["input_ids"].device
     saved = SavedBytes()
     if device.type == "cuda":
@@ -141,8 +141,8 @@ def main() -> None:
     times: dict[str, list[float]] = {n: [] for n in variants}
     memory: dict[str, int] = {}
     for i in range(args.steps + 2):
-        for name, (model, params, controller) in variants.items():
-            dt, mem = train_step(model, params, controller, optimizers[name], batch)
+        for name, (model, _, controller) in variants.items():
+            dt, mem = train_step(model, controller, optimizers[name], batch)
             if i >= 2:
                 times[name].append(dt)
                 memory[name] = max(memory.get(name, 0), mem)

@@ -141,14 +141,15 @@ def export_checkpoint(source: str | Path, out: str | Path, *, prune_below: float
                       alpha_pattern=cfg.alpha_pattern, pruned=pruned,
                       pruning={"prune_below": prune_below, "max_modules": max_modules, "rank_by": rank_by, "seed": seed},
                       training={"checkpoint": str(ckpt), "steps": meta["step"], "skip_rate": skip, "method": cfg.method})
-        load_adapter(tmp)  # what was written must read back
+        adapter = load_adapter(tmp)  # what was written must read back
         tmp.chmod(0o755)  # mkdtemp makes it private; an adapter is read by servers and other users
         for f in tmp.iterdir():
             f.chmod(0o644)
         _replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return load_adapter(out)
+    adapter.path = out
+    return adapter
 
 
 def module_scaling(cfg, name: str, rank: int) -> float:

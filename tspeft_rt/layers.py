@@ -163,7 +163,8 @@ class _GatedDoraFn(torch.autograd.Function):
 
 
 class _GateFn(torch.autograd.Function):
-    """g * m for a precomputed delta m (TS-DoRA): m gets gradient on kept rows, tau the surrogate."""
+    """g * m for a precomputed delta m (TS-DoRA with dropout in training): m gets gradient on kept
+    rows, tau the surrogate."""
 
     @staticmethod
     def forward(ctx, m, base_sq, tau, temperature):  # type: ignore[override]
