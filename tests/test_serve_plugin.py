@@ -1,0 +1,142 @@
+"""The vLLM plugin's registration, its fix of vLLM 0.32's CPU ops, telemetry and the launcher's command."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from importlib.metadata import entry_points
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+import vllm.lora.ops.torch_ops.lora_ops as lora_ops  # noqa: E402
+import vllm.lora.utils as lora_utils  # noqa: E402
+import vllm.v1.worker.lora_model_runner_mixin as runner_mixin  # noqa: E402
+
+from tspeft_rt.serve import plugin  # noqa: E402
+from tspeft_rt.serve.launcher import Server, ServeError, lora_rank_limit  # noqa: E402
+from tspeft_rt.serve.telemetry import GateTelemetry, read_stats, write_stats  # noqa: E402
+
+
+def test_entry_point_is_declared():
+    eps = {ep.name: ep.value for ep in entry_points(group="vllm.general_plugins")}
+    assert eps["tspeft_rt"] == "tspeft_rt.serve.plugin:register"
+
+
+def test_register_swaps_classes_in_place_and_is_idempotent():
+    from tspeft_rt.serve.adapters import GatedWorkerLoRAManager
+    from tspeft_rt.serve.layers import GATED_CLASSES
+
+    plugin.register()
+    once = lora_utils._all_lora_classes
+    plugin.register()
+    assert lora_utils._all_lora_classes is once
+    gated = set(GATED_CLASSES.values())
+    assert not set(GATED_CLASSES) & set(once), "a dense linear LoRA class was left in vLLM's list"
+    assert gated <= set(once)
+    assert runner_mixin.LRUCacheWorkerLoRAManager is GatedWorkerLoRAManager
+
+
+@pytest.mark.parametrize("version", ["0.31.2", "0.34.0", "1.0.0", "dev"])
+def test_untested_vllm_versions_are_refused(version):
+    with pytest.raises(plugin.PluginError, match="not supported"):
+        plugin.check_version(version)
+
+
+def test_renamed_private_name_fails_loudly(monkeypatch):
+    monkeypatch.setattr(plugin, "_registered", False)
+    monkeypatch.delattr(lora_utils, "_all_lora_classes")
+    with pytest.raises(plugin.PluginError, match="_all_lora_classes"):
+        plugin.register()
+
+
+def test_cpu_ops_give_unmapped_tokens_no_delta():
+    """vLLM 0.32's bgmv_expand applies the last slot's adapter to slot -1; the plugin's wrapper does not."""
+    torch.manual_seed(0)
+    weights = torch.randn(2, 1, 6, 4)  # [slots, 1, out, rank]
+    h = torch.randn(3, 4)
+    indices = torch.tensor([0, -1, 1])
+    original = getattr(lora_ops.bgmv_expand, "__wrapped__", lora_ops.bgmv_expand)
+    stock, fixed = torch.zeros(3, 6), torch.zeros(3, 6)
+    original(h, weights, stock, indices, add_inputs=True)
+    plugin._masked(original)(h, weights, fixed, indices, add_inputs=True)
+    assert stock[1].abs().sum() > 0  # the bug this guards against (gone in vLLM >= 0.33)
+    assert fixed[1].abs().sum() == 0
+    torch.testing.assert_close(fixed[[0, 2]], stock[[0, 2]])
+
+
+def test_telemetry_attributes_slot_counts_to_adapters(tmp_path):
+    t = GateTelemetry()
+    t.ensure_slots(2)
+    t.names.update({1: "ts", 2: "lora"})
+    t.bind(0, 1)
+    t.record(0, 100, 40)
+    t.bind(0, 2)  # slot 0 changes hands: the 100 updates so far belong to "ts"
+    t.record(0, 10, 10)
+    t.bind(1, 99)  # a warm-up adapter without a name is not reported
+    t.record(1, 5, 5)
+    assert t.snapshot() == {"ts": {"updates": 100, "skipped": 60, "skip_rate": 0.6},
+                            "lora": {"updates": 10, "skipped": 0, "skip_rate": 0.0}}
+    write_stats(tmp_path / "s.json", t.snapshot())
+    assert read_stats(tmp_path / "s.json")["ts"]["skipped"] == 60
+    assert read_stats(tmp_path / "missing.json") == {}
+
+
+def test_lora_rank_limit():
+    assert [lora_rank_limit(r) for r in (1, 4, 8, 9, 64, 300)] == [1, 8, 8, 16, 64, 320]
+    with pytest.raises(ServeError, match="largest"):
+        lora_rank_limit(1024)
+
+
+def test_server_command(tiny_gated_adapter, tiny_model_dir):
+    server = Server(model=str(tiny_model_dir), adapters=[f"gated={tiny_gated_adapter}"], port=9999,
+                    extra_args=["--max-num-seqs", "4"])
+    cmd = server.command()
+    assert cmd[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+    assert cmd[cmd.index("--lora-modules") + 1] == f"gated={tiny_gated_adapter.resolve()}"
+    assert cmd[cmd.index("--max-lora-rank") + 1] == "8"
+    targets = cmd[cmd.index("--lora-target-modules") + 1:cmd.index("--max-num-seqs")]
+    assert set(targets) == {"q_proj", "v_proj"}
+    assert cmd[-2:] == ["--max-num-seqs", "4"]
+    env = server.environment()
+    assert env["HF_HUB_OFFLINE"] == env["VLLM_NO_USAGE_STATS"] == env["DO_NOT_TRACK"] == "1"
+    assert env["VLLM_HOST_IP"] == "127.0.0.1"
+
+
+def test_server_command_refuses_duplicate_names(tiny_gated_adapter, tiny_model_dir):
+    server = Server(model=str(tiny_model_dir), adapters=[f"a={tiny_gated_adapter}", f"a={tiny_gated_adapter}"])
+    with pytest.raises(ServeError, match="unique"):
+        server.command()
+
+
+def test_serve_cli_rejects_a_bad_adapter_before_starting_vllm(tiny_gated_adapter, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in tiny_gated_adapter.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((bad / "token_gate_config.json").read_text())
+    cfg["format_version"] = 99
+    (bad / "token_gate_config.json").write_text(json.dumps(cfg))
+    r = subprocess.run([sys.executable, "-m", "tspeft_rt.cli", "serve", str(bad), "--port", "9"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.startswith("error: ") and "format_version" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny_gated_adapter(tmp_path_factory, tiny_model_dir):
+    """A TS-LoRA export of the tiny model: rank 8 on q_proj and v_proj."""
+    from test_train import tiny_config
+
+    from tspeft_rt.config import build_config
+    from tspeft_rt.export import export_checkpoint
+    from tspeft_rt.trainer import train
+
+    run = tmp_path_factory.mktemp("run")
+    train(build_config(tiny_config(tiny_model_dir, run / "run", target_modules=["q_proj", "v_proj"], rank=8), "test"))
+    out = run / "adapter"
+    export_checkpoint(run / "run", out)
+    return out
