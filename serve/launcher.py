@@ -140,6 +140,7 @@ class Server:
     def environment(self) -> dict[str, str]:
         env = dict(os.environ, **VLLM_ENV)
         env.pop(STATS_ENV, None)  # each server's plugin picks its own gate-telemetry file
+        env.pop("TRITON_INTERPRET", None)  # a test session's interpreter mode is not for the server
         if "--kv-cache-memory-bytes" not in self.extra_args:
             env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; skips vLLM's failing free-memory check on CPU
         if self.allow_adapter_loading:

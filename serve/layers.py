@@ -44,6 +44,10 @@ class GatedLoRALayer:
         self.packed = PackedLoRA(max_loras, lora_config.max_lora_rank, self.lora_a_stacked[0].shape[-1],
                                  self.output_slices, self.lora_a_stacked[0].dtype, self.device)
         TELEMETRY.ensure_slots(max_loras)
+        if self.device.type == "cuda":  # counted on the device; the telemetry thread collects them
+            self.device_kept = torch.zeros(max_loras, dtype=torch.int64, device=self.device)
+            self.device_updates = torch.zeros(max_loras, dtype=torch.int64, device=self.device)
+            TELEMETRY.device_counters.append((self.device_updates, self.device_kept))
 
     def set_lora(self, index: int, lora_a, lora_b) -> None:
         super().set_lora(index, lora_a, lora_b)  # vLLM's buffers, sliced and zero-padded
@@ -64,6 +68,9 @@ class GatedLoRALayer:
         shape = output.shape
         if x.ndim == 3 and output.ndim == 3:  # transformers backend: (1, seq, hidden)
             x, output = x.flatten(0, 1), output.flatten(0, 1)
+        if output.is_cuda:
+            self._apply_triton(x, output)
+            return output.reshape(shape)
         groups = _slot_groups(self.punica_wrapper, x.size(0))
         if groups:
             kept = gated_lora(output, x, self.packed, groups)
@@ -71,9 +78,22 @@ class GatedLoRALayer:
                 TELEMETRY.record(group.slot, group.count * self.n_slices, k)
         return output.reshape(shape)
 
+    def _apply_triton(self, x: torch.Tensor, output: torch.Tensor) -> None:
+        """Device side, no host synchronisation (CUDA graphs): tspeft_rt.kernels.triton_gated_lora.
+        The slot segments are recomputed per layer, never cached across calls: a cache keyed on the
+        host would be skipped by graph replays."""
+        from tspeft_rt.kernels.triton_gated_lora import gated_lora_triton, lora_segments, packed_gate_views
+
+        slots = self.punica_wrapper.token_mapping_meta.token_lora_mapping[: x.size(0)]
+        segments = lora_segments(slots, self.packed.tau.shape[0])
+        gated_lora_triton(output, x, self.lora_a_stacked, self.lora_b_stacked,
+                          *packed_gate_views(self.packed.gram, self.packed.tau), slots, self.output_slices,
+                          kept=self.device_kept, segments=segments)
+        self.device_updates.add_(segments[1], alpha=self.n_slices)
+
 
 def _slot_groups(punica_wrapper, num_tokens: int) -> list[SlotGroup]:
-    """Token rows grouped by adapter slot, computed once per batch and shared by every layer."""
+    """Token rows grouped by adapter slot, computed once per batch and shared by every layer (CPU)."""
     slots = punica_wrapper.token_lora_indices[:num_tokens]
     # The slot buffer is rewritten in place each step, which bumps its version counter.
     key = (slots.data_ptr(), slots._version, num_tokens)

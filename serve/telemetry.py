@@ -21,6 +21,8 @@ import threading
 import time
 from pathlib import Path
 
+import torch
+
 STATS_ENV = "TSPEFT_RT_GATE_STATS"
 INTERVAL_ENV = "TSPEFT_RT_GATE_LOG_INTERVAL"
 _FILE_PERIOD_S = 1.0
@@ -37,6 +39,7 @@ class GateTelemetry:
         self.slot_adapter: list[int | None] = []
         self.names: dict[int, str] = {}
         self.totals: dict[int, list[int]] = {}
+        self.device_counters: list[tuple] = []  # (updates [L], kept [L]) int64 CUDA tensors of the layers
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -54,6 +57,7 @@ class GateTelemetry:
     def bind(self, slot: int, adapter_id: int | None) -> None:
         """Attribute the slot's counts so far to its previous adapter; `adapter_id` holds it from now."""
         with self._lock:
+            self._collect_device_counters()
             self._flush(slot)
             self.slot_adapter[slot] = adapter_id
         self._start_reporter()
@@ -69,6 +73,7 @@ class GateTelemetry:
     def snapshot(self) -> dict[str, dict[str, float]]:
         """{adapter name: {updates, skipped, skip_rate}} over every token served so far."""
         with self._lock:
+            self._collect_device_counters()
             for slot in range(len(self.updates)):
                 self._flush(slot)
             out = {}
@@ -77,6 +82,15 @@ class GateTelemetry:
                     out[self.names[adapter_id]] = {"updates": updates, "skipped": updates - kept,
                                                    "skip_rate": (updates - kept) / updates}
             return out
+
+    def _collect_device_counters(self) -> None:
+        """Move the CUDA layers' counts to the host (one sync per report, never in the forward)."""
+        for updates, kept in self.device_counters:
+            u, k = updates.tolist(), kept.tolist()
+            updates.sub_(torch.tensor(u, device=updates.device))  # the forward may add meanwhile
+            kept.sub_(torch.tensor(k, device=kept.device))
+            for slot, (du, dk) in enumerate(zip(u, k)):
+                self.record(slot, du, dk)
 
     def _start_reporter(self) -> None:
         if self._thread is None and os.environ.get(STATS_ENV):

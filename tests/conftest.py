@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny randomly initialised Llama with the bundled model's real tokenizer."""
+"""Shared fixtures: a tiny randomly initialised Llama with the bundled model's real tokenizer; Triton's
+interpreter mode on machines without CUDA."""
 
 from __future__ import annotations
 
@@ -11,6 +12,10 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if not torch.cuda.is_available():
+    # Triton reads this once, when first imported (vLLM imports it too): the kernel tests need the
+    # interpreter on CPU, so it is set before any test module loads.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

@@ -163,3 +163,17 @@ def test_no_top_level_kernels_or_serve_package(tmp_path):
     assert out["sub"] == ["tspeft_rt.kernels", "tspeft_rt.serve"]
     assert out["kernels"], "a top-level `kernels` package is importable"
     assert out["serve"], "a top-level `serve` package is importable"
+
+
+# ---- eval --endpoint -------------------------------------------------------------------------------
+
+
+def test_eval_endpoint_unreachable_is_one_error_line(tmp_path, tiny_model_dir):
+    r = run_cli(["eval", "--model", str(tiny_model_dir), "--endpoint", "http://127.0.0.1:9", "--served-name", "x",
+                 "--limit", "1"], tmp_path)
+    assert_one_line_error(r, "http://127.0.0.1:9", "cannot reach")
+
+
+def test_eval_endpoint_needs_served_name(tmp_path, tiny_model_dir):
+    r = run_cli(["eval", "--model", str(tiny_model_dir), "--endpoint", "http://127.0.0.1:9"], tmp_path)
+    assert r.returncode == 2 and "--served-name" in r.stderr and "Traceback" not in r.stderr

@@ -232,6 +232,19 @@ def test_metrics_report_skipped_updates(server, client):
     assert "tspeft-rt gate: adapter 'gated' skipped" in log
 
 
+def test_eval_endpoint_agrees_with_hugging_face_path(server, adapters):
+    """`tspeft-rt eval --endpoint` scores the served adapter as the HF path scores the directory."""
+    from tspeft_rt.data import load_task
+    from tspeft_rt.evaluate import choice_logliks, endpoint_logliks, evaluate_endpoint, evaluate_tasks
+
+    model, tok, _ = load_model_with_adapter(BUNDLED_MODEL, str(adapters["gated"]))
+    pairs = [(c.context, c.continuation) for ex in load_task("arc_easy", "validation", 6) for c in ex.choices]
+    local, served = choice_logliks(model, tok, pairs), endpoint_logliks(server.url, "gated", tok, pairs)
+    assert max(abs(a - b) for a, b in zip(local, served)) < 1e-3
+    tasks = ["arc_easy", "piqa"]
+    assert evaluate_endpoint(server.url, "gated", tok, tasks, 12) == evaluate_tasks(model, tok, tasks, 12)
+
+
 def test_shutdown_leaves_no_process(server):
     pgid = server.process.pid
     server.stop()

@@ -155,11 +155,16 @@ def test_gated_classes_subclass_vllm(kind):
     assert issubclass(GATED_CLASSES[stock], stock)
 
 
+BATCHES = {"small": [1, 2, 2, 1, 1, 2, 1, 2], "large": [1, 2, 2, 1, 1, 2, 1, 2] * 20, "one-slot": [2] * 96}
+
+
 @pytest.mark.parametrize("kind", list(LAYERS))
-def test_tau_zero_equals_stock_lora(kind):
+@pytest.mark.parametrize("batch", list(BATCHES))
+def test_tau_zero_equals_stock_lora(kind, batch):
     """Without gates the gated layer is vLLM's LoRA layer (tokens all mapped: vLLM 0.32's CPU ops are
-    wrong for unmapped tokens, see test_serve_plugin)."""
-    ids = [1, 2, 2, 1, 1, 2, 1, 2]
+    wrong for unmapped tokens, see test_serve_plugin). Small groups take the masked path, large ones
+    the slice-by-slice one, a whole batch of one slot the in-place one."""
+    ids = BATCHES[batch]
     x = torch.randn(len(ids), LAYERS[kind][0]().input_size, generator=torch.Generator().manual_seed(5))
     gated, stock = Case(kind, seed=1), Case(kind, seed=1, gated=False)
     gated.layer.set_gate(0, [0.0] * gated.layer.n_slices)  # tau 0 keeps every token
@@ -178,8 +183,9 @@ def test_tau_above_every_ratio_equals_base(kind):
 @pytest.mark.parametrize("kind", list(LAYERS))
 @pytest.mark.parametrize("seed,repeat", [(3, 1), (4, 8)])
 def test_intermediate_tau_matches_reference_per_token(kind, seed, repeat):
-    """Mixed slots (and tokens with no adapter), each slice of each slot with its own tau; 8 repeats
-    make slot groups large enough to expand kept rows only (COMPACT_MIN_TOKENS), 1 masks."""
+    """Mixed slots (and tokens with no adapter), each slice of each slot with its own tau. 8 repeats
+    make slot groups large enough to expand slice by slice (COMPACT_MIN_TOKENS), and the first slice
+    keeps 8 % of its rows, so it gathers them (COMPACT_BELOW_KEEP); 1 repeat takes the masked path."""
     case = Case(kind, seed=seed)
     ids = MIXED * repeat
     x = torch.randn(len(ids), case.in_features)
@@ -187,7 +193,7 @@ def test_intermediate_tau_matches_reference_per_token(kind, seed, repeat):
     for slot, adapter_id in enumerate(LORA_INDEX_TO_ID):
         if adapter_id is None:
             continue
-        qs = [0.3, 0.5, 0.7][: case.layer.n_slices]
+        qs = ([0.3, 0.5, 0.7] if repeat == 1 else [0.92, 0.5, 0.3])[: case.layer.n_slices]
         taus[adapter_id] = [split_tau(case.ratios(ids, x, adapter_id, s), q) for s, q in enumerate(qs)]
         case.layer.set_gate(slot, taus[adapter_id])
     expected = case.reference(ids, x, taus)

@@ -7,6 +7,7 @@
     tspeft-rt report runs/demo [--out keep_rates.png]
     tspeft-rt generate --model smollm2-135m-instruct --adapter runs/demo/adapter "The capital of France is"
     tspeft-rt eval --model smollm2-135m-instruct --adapter runs/demo/adapter --tasks arc_easy --limit 200
+    tspeft-rt eval --endpoint http://127.0.0.1:8000 --served-name demo --tasks arc_easy --limit 200
     tspeft-rt serve --model smollm2-135m-instruct runs/demo/adapter [NAME=DIR ...] [--port 8000] [-- vLLM args]
 """
 
@@ -157,19 +158,38 @@ def generate(model, adapter_dir, max_new_tokens, temperature, top_p, seed, chat,
 
 
 @main.command("eval")
-@click.option("--model", default="smollm2-135m-instruct", show_default=True, help="Base model folder or name.")
+@click.option("--model", default="smollm2-135m-instruct", show_default=True,
+              help="Base model folder or name (with --endpoint: only its tokenizer is used).")
 @click.option("--adapter", "adapter_dir", default=None, help="Adapter directory (gates applied).")
+@click.option("--endpoint", default=None, metavar="URL",
+              help="Score through this OpenAI-compatible server (e.g. http://127.0.0.1:8000) instead of locally.")
+@click.option("--served-name", default=None, help="With --endpoint: the model or adapter name to query.")
 @click.option("--tasks", default="arc_easy", show_default=True, help="Comma-separated bundled tasks.")
 @click.option("--limit", type=int, default=None, help="First N validation examples per task.")
 @click.option("--batch-size", type=int, default=16, show_default=True)
-def evaluate(model, adapter_dir, tasks, limit, batch_size) -> None:
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Also write the JSON here.")
+def evaluate(model, adapter_dir, endpoint, served_name, tasks, limit, batch_size, out) -> None:
     """Multiple-choice validation accuracy (log-likelihood; acc and acc_norm), printed as JSON."""
-    from tspeft_rt.evaluate import evaluate_tasks
-    from tspeft_rt.generate import load_model_with_adapter
+    from tspeft_rt.evaluate import evaluate_endpoint, evaluate_tasks
 
-    hf_model, tok, _ = load_model_with_adapter(model, adapter_dir)
-    result = evaluate_tasks(hf_model, tok, tasks.split(","), limit, batch_size, progress=True)
-    click.echo(json.dumps(result, indent=1))
+    if endpoint:
+        if adapter_dir or not served_name:
+            raise click.UsageError("--endpoint takes --served-name (the served adapter or model), not --adapter")
+        from transformers import AutoTokenizer
+
+        from tspeft_rt.assets import resolve_model_path
+
+        tok = AutoTokenizer.from_pretrained(resolve_model_path(model))
+        result = evaluate_endpoint(endpoint, served_name, tok, tasks.split(","), limit, progress=True)
+    else:
+        from tspeft_rt.generate import load_model_with_adapter
+
+        hf_model, tok, _ = load_model_with_adapter(model, adapter_dir)
+        result = evaluate_tasks(hf_model, tok, tasks.split(","), limit, batch_size, progress=True)
+    text = json.dumps(result, indent=1)
+    if out:
+        out.write_text(text)
+    click.echo(text)
 
 
 @main.command(context_settings={"ignore_unknown_options": True})

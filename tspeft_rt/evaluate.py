@@ -2,28 +2,50 @@
 
 For each choice (context c, continuation y): score = sum_t log p(y_t | c, y_<t). `acc` picks the
 highest score, `acc_norm` the highest score per byte of y (lm-eval-harness's length normalisation).
-Gates are applied exactly as in training (the model is evaluated as it is).
+Gates are applied exactly as in training (the model is evaluated as it is). The same scores can come
+from an OpenAI-compatible server (`endpoint_logliks`), so a served adapter is measured as deployed.
 """
 
 from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from tspeft_rt.data import MCExample, load_task
+from tspeft_rt.errors import TspeftError
 
 
-@torch.no_grad()
-def choice_logliks(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int = 16,
-                   max_len: int = 1024, progress: bool = False) -> list[float]:
-    """Sum of log-probabilities of each continuation given its context."""
+class EvalError(TspeftError):
+    pass
+
+
+Scorer = Callable[[list[tuple[str, str]]], list[float]]
+"""Maps (context, continuation) pairs to the summed log-probability of each continuation."""
+
+
+def encode_pairs(tokenizer, pairs: list[tuple[str, str]], max_len: int = 1024) -> list[tuple[list[int], int]]:
+    """Token ids of context + continuation (cut from the left to max_len), and how many end tokens are scored."""
     encoded = []
     for context, continuation in pairs:
         c = tokenizer.encode(context, add_special_tokens=False)
         y = tokenizer.encode(continuation, add_special_tokens=False)
         ids = (c + y)[-max_len:]
         encoded.append((ids, min(len(y), len(ids) - 1)))
+    return encoded
+
+
+@torch.no_grad()
+def choice_logliks(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int = 16,
+                   max_len: int = 1024, progress: bool = False) -> list[float]:
+    """Sum of log-probabilities of each continuation given its context, on the Hugging Face model."""
+    encoded = encode_pairs(tokenizer, pairs, max_len)
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))  # less padding per batch
     scores = [0.0] * len(encoded)
     device = next(model.parameters()).device
@@ -47,10 +69,37 @@ def choice_logliks(model, tokenizer, pairs: list[tuple[str, str]], batch_size: i
     return scores
 
 
-def mc_accuracy(model, tokenizer, examples: list[MCExample], batch_size: int = 16,
-                progress: bool = False) -> dict[str, float]:
+def endpoint_logliks(url: str, served_name: str, tokenizer, pairs: list[tuple[str, str]], max_len: int = 1024,
+                     concurrency: int = 8, progress: bool = False) -> list[float]:
+    """The same sums through an OpenAI-compatible completions endpoint: the prompt is sent as token ids
+    (so both paths score the same tokens) with `echo` and `logprobs`, which return the log-probability
+    of every prompt token."""
+    encoded = encode_pairs(tokenizer, pairs, max_len)
+
+    def score(item: tuple[list[int], int]) -> float:
+        ids, n = item
+        body = {"model": served_name, "prompt": ids, "max_tokens": 1, "temperature": 0, "echo": True, "logprobs": 0}
+        logprobs = _post_json(f"{url.rstrip('/')}/v1/completions", body)["choices"][0]["logprobs"]["token_logprobs"]
+        return float(sum(logprobs[len(ids) - n : len(ids)]))
+
+    with ThreadPoolExecutor(concurrency) as pool:  # the server batches concurrent requests
+        return list(tqdm(pool.map(score, encoded), total=len(encoded), desc="eval", disable=not progress, leave=False))
+
+
+def _post_json(url: str, body: dict) -> dict:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=300) as r:
+            return json.load(r)
+    except urllib.error.HTTPError as e:
+        raise EvalError(f"{url}: HTTP {e.code}: {e.read().decode(errors='replace')[:300]}") from None
+    except urllib.error.URLError as e:
+        raise EvalError(f"{url}: cannot reach the server ({e.reason})") from None
+
+
+def mc_accuracy(score: Scorer, examples: list[MCExample]) -> dict[str, float]:
     pairs = [(ch.context, ch.continuation) for ex in examples for ch in ex.choices]
-    scores = choice_logliks(model, tokenizer, pairs, batch_size=batch_size, progress=progress)
+    scores = score(pairs)
     correct = correct_norm = 0
     k = 0
     for ex in examples:
@@ -63,15 +112,27 @@ def mc_accuracy(model, tokenizer, examples: list[MCExample], batch_size: int = 1
     return {"acc": correct / n, "acc_norm": correct_norm / n, "n": len(examples)}
 
 
+def score_tasks(score: Scorer, tasks: list[str], limit: int | None) -> dict:
+    """Validation accuracy per task and the average of `acc` over tasks."""
+    results = {t: mc_accuracy(score, load_task(t, "validation", limit)) for t in tasks}
+    results["average"] = {"acc": sum(r["acc"] for r in results.values()) / max(1, len(tasks))}
+    return results
+
+
 def evaluate_tasks(model, tokenizer, tasks: list[str], limit: int | None, batch_size: int = 16,
                    progress: bool = False) -> dict:
-    """Validation accuracy per task and the average of `acc` over tasks."""
+    """`score_tasks` on the Hugging Face model (gates applied as they are)."""
     was_training = model.training
     model.eval()
     try:
-        results = {t: mc_accuracy(model, tokenizer, load_task(t, "validation", limit), batch_size, progress)
-                   for t in tasks}
+        return score_tasks(lambda pairs: choice_logliks(model, tokenizer, pairs, batch_size, progress=progress),
+                           tasks, limit)
     finally:
         model.train(was_training)
-    results["average"] = {"acc": sum(r["acc"] for r in results.values()) / max(1, len(tasks))}
-    return results
+
+
+def evaluate_endpoint(url: str, served_name: str, tokenizer, tasks: list[str], limit: int | None,
+                      progress: bool = False) -> dict:
+    """`score_tasks` through a served model or adapter, measured exactly as deployed."""
+    return score_tasks(lambda pairs: endpoint_logliks(url, served_name, tokenizer, pairs, progress=progress),
+                       tasks, limit)

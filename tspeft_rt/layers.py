@@ -114,6 +114,16 @@ class _GatedLoraFn(torch.autograd.Function):
         return grad_x, grad_out, grad_A, grad_B, grad_tau, None, None, None
 
 
+def _lora_fn(x: Tensor) -> type[torch.autograd.Function]:
+    """The fused Triton TS-LoRA kernels on CUDA (tspeft_rt.kernels.triton_train), this file's elsewhere."""
+    if x.is_cuda:
+        from tspeft_rt.kernels import triton_train  # imported lazily: CPU runs never load triton
+
+        if triton_train.HAS_TRITON:
+            return triton_train.TritonGatedLoraFn
+    return _GatedLoraFn
+
+
 class _GatedDoraFn(torch.autograd.Function):
     """out = base + g * m with m = (c - 1) * (W0 x) + c * s B A x, c = mag / ||W0 + s B A||_row (detached).
     Like `_GatedLoraFn`, the gradients of A, B, the magnitude and the input come from kept rows only;
@@ -262,7 +272,7 @@ class GatedLinear(nn.Module):
         base_sq = row_sq_norm(base2.detach())
         if not self.dora:
             x2 = self.lora_dropout(x.reshape(-1, x.shape[-1]).to(self.lora_A.weight.dtype))
-            out, delta_sq = _GatedLoraFn.apply(
+            out, delta_sq = _lora_fn(x2).apply(
                 x2, base2, self.lora_A.weight, self.lora_B.weight, gate.tau, base_sq, self.scaling,
                 gate.temperature,
             )

@@ -1,0 +1,486 @@
+"""GPU check of the Triton kernels: correctness at real shapes, kernel timings, a training step vs PEFT.
+
+    python tools/gpu_check.py [--out gpu_check.json]    # on a CUDA machine, from the repo root
+    python tools/gpu_check.py --dry-run-cpu              # the same code paths, tiny shapes, CPU interpreter
+
+Installs nothing and needs no network (torch, triton, transformers, peft). The repo need not be
+pip-installed: its root goes on sys.path, and when `tspeft_rt.kernels` does not resolve (pyproject's
+package-dir maps kernels/ -> tspeft_rt.kernels), kernels/ is loaded under that name by hand
+(`import_repo`). The Triton modules are imported only once --dry-run-cpu has set TRITON_INTERPRET.
+
+1. Correctness (exit code 1 if a case fails): `gated_lora_triton` against the PyTorch path
+   (`gated_lora`) at hidden 4096, ranks 16/64, 1..8192 tokens over 4 slots and no-adapter tokens,
+   1, 2 and 3 slices, fp16/bf16, gates at each slot's median ratio; tokens within 2% of the threshold
+   may flip (rounding). `TritonGatedLoraFn` against `_GatedLoraFn` (outputs and gradients).
+2. Timings, CUDA events, median of --reps replays of a captured CUDA graph (which checks the ops
+   capture) after warm-up: the gated expand at skip 0/30/50/70/90% (random gate per token and slice)
+   against the same kernel with all on, a plain torch matmul expand, and the PyTorch path; the gate
+   against the shrink; the expand's bandwidth against a device-to-device copy's.
+3. A training step (forward + backward) of a Llama-shaped model (random weights, LlamaConfig):
+   TS-LoRA (GatedLinear with TritonGatedLoraFn; gates at 50% skip) against PEFT's LoRA, and
+   against the PyTorch TS-LoRA path; the backward's two strategies forced.
+
+Goals reported: gated expand at 50% skip <= 0.6x the dense expand; gate <= 10% of the shrink;
+TS-LoRA step at 50% skip <= PEFT's LoRA step. The full numbers go to --out (JSON); a short table
+prints last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def import_repo() -> None:
+    """Make `tspeft_rt` and `tspeft_rt.kernels` importable from the repo root, installed or not."""
+    sys.path.insert(0, str(ROOT))
+    import tspeft_rt
+
+    if importlib.util.find_spec("tspeft_rt.kernels") is None:
+        spec = importlib.util.spec_from_file_location("tspeft_rt.kernels", ROOT / "kernels" / "__init__.py",
+                                                      submodule_search_locations=[str(ROOT / "kernels")])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["tspeft_rt.kernels"] = module
+        spec.loader.exec_module(module)
+        tspeft_rt.kernels = module
+
+
+import_repo()
+
+from tspeft_rt.gate import gate_keep, row_sq_norm  # noqa: E402
+from tspeft_rt.kernels.gated_lora import PackedLoRA, gated_lora, gram, group_by_slot  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="gpu_check.json", help="where the full numbers go (JSON)")
+    ap.add_argument("--reps", type=int, default=50, help="timed repetitions per measurement (median)")
+    ap.add_argument("--dry-run-cpu", action="store_true",
+                    help="run every part at tiny shapes on CPU under TRITON_INTERPRET=1 (tests the script)")
+    return ap.parse_args(argv)
+
+
+def kernels():
+    """The Triton modules (triton_gated_lora, triton_train), imported on first use, after main() has
+    set TRITON_INTERPRET for a dry run (tspeft_rt.layers is imported late too: it may import them)."""
+    from tspeft_rt.kernels import triton_gated_lora, triton_train
+
+    return triton_gated_lora, triton_train
+
+
+@contextmanager
+def lora_fn(fn):
+    """Make GatedLinear's TS-LoRA use the autograd function `fn`, whichever name layers.py takes
+    it by (`_GatedLoraFn`, or `TritonGatedLoraFn` imported from the kernels module or into layers)."""
+    from tspeft_rt import layers
+
+    _, triton_train = kernels()
+    owners = [(layers, "_GatedLoraFn"), (triton_train, "TritonGatedLoraFn")]
+    owners += [(layers, "TritonGatedLoraFn")] if hasattr(layers, "TritonGatedLoraFn") else []
+    saved = [getattr(module, name) for module, name in owners]
+    for module, name in owners:
+        setattr(module, name, fn)
+    try:
+        yield
+    finally:
+        for (module, name), value in zip(owners, saved):
+            setattr(module, name, value)
+
+
+# --------------------------------------------------------------------------- timing
+
+
+class Timer:
+    """Median milliseconds of a callable: CUDA events around `inner` replays of a captured graph
+    (falls back to eager calls if capture fails, and records why), wall clock on CPU."""
+
+    def __init__(self, device: str, reps: int, warmup: int = 3, inner: int = 10) -> None:
+        self.cuda, self.reps, self.warmup, self.inner = device == "cuda", reps, warmup, inner
+        self.capture_errors: list[str] = []
+
+    def __call__(self, fn, graph: bool = True) -> float:
+        for _ in range(self.warmup):
+            fn()
+        run, inner = fn, 1
+        if self.cuda and graph:
+            try:
+                stream = torch.cuda.Stream()
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):
+                    fn()
+                torch.cuda.current_stream().wait_stream(stream)
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g):
+                    fn()
+                run, inner = g.replay, self.inner  # replays back to back: the launch gaps are not timed
+            except Exception as e:  # noqa: BLE001 - any capture failure is reported, then timed eagerly
+                self.capture_errors.append(f"{type(e).__name__}: {e}"[:300])
+                torch.cuda.synchronize()
+        times = []
+        for _ in range(self.reps):
+            if self.cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(inner):
+                    run()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) / inner)
+            else:
+                t0 = time.perf_counter()
+                run()
+                times.append(1000 * (time.perf_counter() - t0))
+        return statistics.median(times)
+
+
+# --------------------------------------------------------------------------- serving problems
+
+
+def serving_problem(T: int, K: int, slices: list[int], rank: int, L: int, dtype, device: str, seed: int,
+                    no_adapter: bool = True) -> dict:
+    """Weights of L slots, tokens over the slots (some without an adapter), a base output."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=g, device=device)
+    p = {"T": T, "slices": slices, "L": L, "dtype": dtype}
+    p["x"] = rand(T, K).to(dtype)
+    p["A"] = [(rand(L, 1, rank, K) / K**0.5).to(dtype) for _ in slices]
+    p["B"] = [(rand(L, 1, n, rank) / (4 * rank**0.5)).to(dtype) for n in slices]
+    p["G"] = torch.stack([gram(b[:, 0]) for b in p["B"]])
+    p["base"] = (rand(T, sum(slices)) * rand(T, 1).exp()).to(dtype)
+    p["slots"] = torch.randint(-1 if no_adapter else 0, L, (T,), generator=g, device=device)
+    p["taus"] = torch.zeros(len(slices), L, device=device)
+    return p
+
+
+def reference_norms(p: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(||B h||^2, ||base||^2), each [S, T] fp32, per token and slice as the PyTorch path computes h."""
+    off = [0]
+    for n in p["slices"]:
+        off.append(off[-1] + n)
+    d2 = torch.zeros(len(p["slices"]), p["T"], device=p["x"].device)
+    b2 = torch.stack([row_sq_norm(p["base"][:, off[s]:off[s + 1]]) for s in range(len(p["slices"]))])
+    for group in group_by_slot(p["slots"]):
+        for s in range(len(p["slices"])):
+            h = (p["x"][group.rows] @ p["A"][s][group.slot, 0].T).float()
+            d2[s, group.rows] = ((h @ p["G"][s, group.slot]) * h).sum(-1)
+    return d2, b2
+
+
+def set_median_taus(p: dict, d2: torch.Tensor, b2: torch.Tensor) -> None:
+    """tau^2 at the median ratio of each slot and slice: about half of each slot's tokens skipped."""
+    for slot in range(p["L"]):
+        rows = p["slots"] == slot
+        if rows.any():
+            p["taus"][:, slot] = (d2[:, rows] / b2[:, rows].clamp_min(1e-12)).median(dim=1).values.sqrt()
+
+
+def packed_reference(p: dict):
+    """The PyTorch path's per-layer state (`PackedLoRA`) holding the problem's weights and taus."""
+    packed = PackedLoRA(p["L"], p["A"][0].shape[-2], p["x"].shape[1], p["slices"], p["dtype"], p["x"].device)
+    for slot in range(p["L"]):
+        packed.set_slot(slot, [a[slot, 0] for a in p["A"]], [b[slot, 0] for b in p["B"]])
+        packed.set_gate(slot, p["taus"][:, slot].tolist())
+    return packed
+
+
+def check_serving(p: dict, name: str) -> dict:
+    """gated_lora_triton vs gated_lora: on pairs match, off pairs keep the base, nothing written outside."""
+    d2, b2 = reference_norms(p)
+    set_median_taus(p, d2, b2)
+    ref = p["base"].clone()
+    groups = group_by_slot(p["slots"])
+    kept_list = gated_lora(ref, p["x"], packed_reference(p), groups)
+    T, N = p["base"].shape
+    buf = torch.full((T + 2, N + 5), float("nan"), device=ref.device).to(p["dtype"])
+    out = buf[1:T + 1, 2:N + 2]
+    out.copy_(p["base"])
+    kept = torch.zeros(p["L"], dtype=torch.int64, device=ref.device)
+    kernels()[0].gated_lora_triton(out, p["x"], p["A"], p["B"], p["G"], p["taus"], p["slots"], p["slices"], kept)
+
+    tol = 2e-3 if p["dtype"] == torch.float16 else 1.6e-2
+    taus = p["taus"][:, p["slots"].clamp_min(0)]
+    on = gate_keep(d2, b2, taus) & (p["slots"] >= 0)
+    thresholds = taus.square() * b2.clamp_min(1e-12)
+    near = ((d2 - thresholds).abs() < 2e-2 * thresholds) & (p["slots"] >= 0)  # rounding may flip these
+    errors, off = [], 0
+    for s, n in enumerate(p["slices"]):
+        cols = slice(off, off + n)
+        rows_on, rows_off = on[s] & ~near[s], ~on[s] & ~near[s]
+        if not torch.equal(out[rows_off, cols], p["base"][rows_off, cols]):
+            errors.append(f"slice {s}: off rows written")
+        if rows_on.any():
+            diff = (out[rows_on, cols].float() - ref[rows_on, cols].float()).abs()
+            bound = tol * (1 + ref[rows_on, cols].float().abs())
+            if not bool((diff <= bound).all()):
+                errors.append(f"slice {s}: on rows differ by up to {float(diff.max()):.3g}")
+        off += n
+    inner = torch.zeros_like(buf, dtype=torch.bool)
+    inner[1:T + 1, 2:N + 2] = True
+    if not bool(buf[~inner].isnan().all()):
+        errors.append("wrote outside the output")
+    kept_ref = torch.zeros(p["L"], dtype=torch.int64)
+    for group, k in zip(groups, kept_list):
+        kept_ref[group.slot] = k
+    if int((kept.cpu() - kept_ref).abs().sum()) > int(near.sum()):
+        errors.append(f"kept {kept.tolist()} vs {kept_ref.tolist()}")
+    return {"name": name, "passed": not errors, "errors": errors, "near_threshold": int(near.sum()),
+            "kept": kept.tolist(), "kept_ref": kept_ref.tolist()}
+
+
+def check_train(N: int, K: int, OUT: int, rank: int, adapter_dtype, device: str, name: str) -> dict:
+    """TritonGatedLoraFn vs _GatedLoraFn at a median tau: relative errors of outputs and gradients."""
+    g = torch.Generator(device=device).manual_seed(N + rank)
+    rand = lambda *shape: torch.randn(*shape, generator=g, device=device)
+    x = rand(N, K).to(adapter_dtype)
+    base = (rand(N, OUT) * rand(N, 1).exp()).to(torch.bfloat16)
+    A, B = (rand(rank, K) / K**0.5).to(adapter_dtype), (rand(OUT, rank) / rank**0.5).to(adapter_dtype)
+    scale, weights = 2.0, rand(N, OUT)
+    with torch.no_grad():  # tau^2 in the widest gap between ratios of the middle 20%: no token at the threshold
+        q = (row_sq_norm((x @ A.t()) @ B.t() * scale) / row_sq_norm(base)).double().sort().values
+        lo, hi = int(0.4 * N), int(0.6 * N) + 1
+        k = lo + int((q[lo + 1:hi] / q[lo:hi - 1]).argmax())
+        tau = (q[k] * q[k + 1]).sqrt().sqrt().reshape(1).float()
+    results = []
+    from tspeft_rt.layers import _GatedLoraFn
+
+    for fn in (_GatedLoraFn, kernels()[1].TritonGatedLoraFn):
+        leaves = [t.clone().requires_grad_(True) for t in (x, base, A, B, tau)]
+        out, delta_sq = fn.apply(*leaves[:5], row_sq_norm(base), scale, 1.0)
+        (out.float() * weights).sum().backward()
+        results.append([out.detach(), delta_sq] + [t.grad for t in leaves])
+    names = ["out", "delta_sq", "grad_x", "grad_base", "grad_A", "grad_B", "grad_tau"]
+    rel = {n: float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+           for n, a, b in zip(names, results[1], results[0])}
+    bound = 2e-2 if adapter_dtype == torch.bfloat16 else 1e-2
+    errors = [f"{n}: relative error {e:.3g}" for n, e in rel.items() if not e <= bound]
+    keep, keep_ref = (gate_keep(r[1], row_sq_norm(base), tau) for r in (results[1], results[0]))
+    if not torch.equal(keep, keep_ref):
+        errors.append(f"the gate differs on {int((keep != keep_ref).sum())} tokens")
+    return {"name": name, "passed": not errors, "errors": errors, "rel_errors": rel}
+
+
+# --------------------------------------------------------------------------- timings
+
+
+def time_serving(timer: Timer, T: int, rank: int, slices: list[int], K: int, device: str) -> dict:
+    tg, _ = kernels()
+    dtype = torch.float16
+    p = serving_problem(T, K, slices, rank, 4, dtype, device, seed=T + rank, no_adapter=False)
+    S, elt = len(slices), 2
+    seg = tg.lora_segments(p["slots"], p["L"])
+    h = tg.lora_shrink(p["x"], p["A"], *seg)
+    out = p["base"].clone()
+    row = {"T": T, "rank": rank, "slices": slices, "hidden": K}
+    g = torch.Generator(device=device).manual_seed(0)
+    for skip in (0.0, 0.3, 0.5, 0.7, 0.9):
+        on = (torch.rand(S, T, generator=g, device=device) >= skip).to(torch.int8)
+        ms = timer(lambda on=on: tg.gated_expand(out, h, p["B"], on, *seg, slices))
+        kept_bytes = sum(int(on[s].sum()) * n for s, n in enumerate(slices)) * elt * 2  # read + write
+        moved = kept_bytes + h.numel() * 4 + on.numel() + sum(b.numel() for b in p["B"]) * elt
+        row[f"expand_ms_skip{int(100 * skip)}"] = ms
+        row[f"expand_GBps_skip{int(100 * skip)}"] = moved / ms / 1e6
+    hb = [h[s].to(dtype) for s in range(S)]
+    bt = [b[0, 0].T for b in p["B"]]
+    offs = [sum(slices[:s]) for s in range(S)]
+
+    def torch_expand():  # one adapter for every token: cuBLAS matmul + add per slice
+        for s, n in enumerate(slices):
+            out[:, offs[s]:offs[s] + n] += hb[s] @ bt[s]
+
+    row["torch_expand_ms"] = timer(torch_expand)
+    set_median_taus(p, *reference_norms(p))
+    row["shrink_ms"] = timer(lambda: tg.lora_shrink(p["x"], p["A"], *seg))
+    row["gate_ms"] = timer(lambda: tg.lora_gate(h, p["base"], p["B"], p["G"], p["taus"], *seg, slices))
+    groups = group_by_slot(p["slots"])
+    packed = packed_reference(p)
+    row["pytorch_path_ms"] = timer(lambda: gated_lora(out, p["x"], packed, groups), graph=False)
+    row["triton_path_ms"] = timer(lambda: tg.gated_lora_triton(out, p["x"], p["A"], p["B"], p["G"], p["taus"],
+                                                               p["slots"], slices, segments=seg))
+    row["triton_path_with_segments_ms"] = timer(lambda: tg.gated_lora_triton(out, p["x"], p["A"], p["B"], p["G"],
+                                                                             p["taus"], p["slots"], slices))
+    row["expand50_over_dense"] = row["expand_ms_skip50"] / row["expand_ms_skip0"]
+    row["gate_plus_expand50_over_dense"] = (row["gate_ms"] + row["expand_ms_skip50"]) / row["expand_ms_skip0"]
+    row["gate_over_shrink"] = row["gate_ms"] / row["shrink_ms"]
+    return row
+
+
+def copy_bandwidth(timer: Timer, nbytes: int, device: str) -> float:
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = timer(lambda: dst.copy_(src))
+    return 2 * nbytes / ms / 1e6  # read + write, GB/s
+
+
+def time_training(timer: Timer, cfg: dict, batch: int, seq: int, rank: int, device: str) -> dict:
+    """fwd + bwd of a random-weight Llama: PEFT LoRA vs TS-LoRA (Triton / PyTorch fn) at 50% skip."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaModel
+
+    from tspeft_rt.inject import AdapterSpec, adapted_layers, inject_adapters
+    from tspeft_rt.layers import GateContext, _GatedLoraFn
+
+    _, triton_train = kernels()
+    torch.manual_seed(0)
+    with torch.device(device):
+        base = LlamaModel(LlamaConfig(**cfg)).to(torch.bfloat16)
+    ids = torch.randint(0, cfg["vocab_size"], (batch, seq), device=device)
+
+    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=MODULES,
+                                                                lora_dropout=0.0))
+    ts_model = copy.deepcopy(base)
+    context = GateContext(collect=True, collect_ratios=True)
+    inject_adapters(ts_model, AdapterSpec(method="ts-lora", target_modules=MODULES, rank=rank, alpha=2 * rank), context)
+    for model in (peft_model, ts_model):
+        torch.manual_seed(1)
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(param, std=0.02)
+    with torch.no_grad():  # tau at each module's median ratio: 50% of its token updates skipped
+        ts_model(input_ids=ids)
+        for layer in adapted_layers(ts_model).values():
+            ratios = torch.cat(layer.token_gate.reset_stats().log_ratios)
+            layer.token_gate.tau.fill_(float(ratios.float().quantile(0.5).exp()))
+        context.collect_ratios = False
+        ts_model(input_ids=ids)
+        stats = [layer.token_gate.reset_stats() for layer in adapted_layers(ts_model).values()]
+    context.collect = False  # the per-module statistics sync the host: not part of the kernels' cost
+    skip = 1 - sum(s.kept for s in stats) / sum(s.valid for s in stats)
+
+    def step(model):
+        def run():
+            model(input_ids=ids).last_hidden_state.float().square().mean().backward()
+            model.zero_grad(set_to_none=True)
+        return run
+
+    triton_fn, default_gather = triton_train.TritonGatedLoraFn, triton_train.GATHER_BELOW_KEEP
+    row = {"peft_lora": timer(step(peft_model), graph=False)}
+    with lora_fn(_GatedLoraFn):
+        row["ts_lora_pytorch"] = timer(step(ts_model), graph=False)
+    with lora_fn(triton_fn):
+        for name, gather_below in [("ts_lora_triton", default_gather), ("ts_lora_triton_gather", 2.0),
+                                   ("ts_lora_triton_mask", 0.0)]:
+            triton_train.GATHER_BELOW_KEEP = gather_below  # 2: always compact the kept rows, 0: always mask
+            try:
+                row[name] = timer(step(ts_model), graph=False)
+            finally:
+                triton_train.GATHER_BELOW_KEEP = default_gather
+    row.update(skip=skip, tokens=batch * seq, rank=rank, config=cfg)
+    row["ts_triton_over_peft"] = row["ts_lora_triton"] / row["peft_lora"]
+    return row
+
+
+# --------------------------------------------------------------------------- main
+
+
+def correctness(device: str, tiny: bool) -> list[dict]:
+    if tiny:
+        grid = [(3, 64, [24, 8, 16], 16, torch.float16), (20, 64, [40], 8, torch.bfloat16)]
+        train_grid = [(24, 48, 40, 8)]
+    else:
+        shapes = [[4096, 1024, 1024], [4096], [14336, 14336]]  # qkv, o (or down), gate_up
+        combos = [(T, r, d) for T in (1, 7, 64, 1000, 8192) for r in (16, 64) for d in (torch.float16, torch.bfloat16)]
+        grid = [(T, 4096, shapes[i % 3], rank, dtype) for i, (T, rank, dtype) in enumerate(combos)]
+        train_grid = [(4096, 4096, 4096, 16), (8192, 4096, 1024, 64)]
+    cases = []
+    for i, (T, K, slices, rank, dtype) in enumerate(grid):
+        p = serving_problem(T, K, slices, rank, 4, dtype, device, seed=i)
+        cases.append(check_serving(p, f"serve T={T} K={K} slices={slices} r={rank} {str(dtype)[6:]}"))
+    for N, K, OUT, rank in train_grid:
+        for dtype in (torch.float32, torch.bfloat16):
+            cases.append(check_train(N, K, OUT, rank, dtype, device, f"train N={N} K={K} out={OUT} r={rank} "
+                                                                     f"adapter {str(dtype)[6:]}"))
+    return cases
+
+
+def timings(timer: Timer, device: str, tiny: bool) -> dict:
+    if tiny:
+        serving = [time_serving(timer, 8, 8, [24, 8, 16], 32, device)]
+        cfg = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 4,
+               "num_key_value_heads": 2, "vocab_size": 128, "max_position_embeddings": 64}
+        train = time_training(timer, cfg, batch=2, seq=8, rank=8, device=device)
+    else:
+        serving = [time_serving(timer, T, rank, [4096, 1024, 1024], 4096, device) for T in (256, 8192)
+                   for rank in (16, 64)]
+        cfg = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 2, "num_attention_heads": 32,
+               "num_key_value_heads": 8, "vocab_size": 1024, "max_position_embeddings": 4096}
+        train = time_training(timer, cfg, batch=4, seq=2048, rank=16, device=device)
+    copy_gbps = copy_bandwidth(timer, 1 << (16 if tiny else 30), device)
+    for row in serving:
+        row["expand0_bw_over_copy"] = row["expand_GBps_skip0"] / copy_gbps
+    return {"serving": serving, "copy_GBps": copy_gbps, "train": train,
+            "cuda_graph_capture_errors": timer.capture_errors}
+
+
+def report(result: dict, out: str) -> None:
+    """The short table, last."""
+    print(f"\ngpu_check: {result['device']}, torch {result['torch']}, triton {result['triton']}"
+          f"{' (dry run: tiny shapes, timings meaningless)' if result['dry_run'] else ''}")
+    cases = result["correctness"]["cases"]
+    for c in cases:
+        if not c["passed"]:
+            print(f"FAIL {c['name']}: {'; '.join(c['errors'])}")
+    print(f"correctness: {sum(c['passed'] for c in cases)}/{len(cases)} cases passed")
+    t = result["timings"]
+    if t["cuda_graph_capture_errors"]:
+        errors = t["cuda_graph_capture_errors"]
+        print(f"CUDA graph capture failed {len(errors)}x (timed eagerly instead): {errors[0]}")
+    print(f"{'T':>5} {'r':>3} | expand ms at skip 0/30/50/70/90%           | torch mm | 50%/dense "
+          f"(gate+50%)/dense | shrink ms gate ms gate/shrink | pytorch / triton path ms")
+    for r in t["serving"]:
+        skips = " ".join(f"{r[f'expand_ms_skip{k}']:.4f}" for k in (0, 30, 50, 70, 90))
+        print(f"{r['T']:>5} {r['rank']:>3} | {skips} | {r['torch_expand_ms']:8.4f} | {r['expand50_over_dense']:9.2f} "
+              f"{r['gate_plus_expand50_over_dense']:16.2f} | {r['shrink_ms']:9.4f} {r['gate_ms']:7.4f} "
+              f"{r['gate_over_shrink']:11.2f} | {r['pytorch_path_ms']:.3f} / {r['triton_path_ms']:.3f}")
+    print(f"device-to-device copy {t['copy_GBps']:.0f} GB/s; the dense expand reaches "
+          + ", ".join(f"{r['expand0_bw_over_copy']:.2f} (T={r['T']} r={r['rank']})" for r in t["serving"]))
+    train = t["train"]
+    names = ("peft_lora", "ts_lora_triton", "ts_lora_triton_gather", "ts_lora_triton_mask", "ts_lora_pytorch")
+    print(f"train step ms at skip {train['skip']:.2f}: " + ", ".join(f"{k} {train[k]:.2f}" for k in names)
+          + f"; ts_lora_triton / peft_lora {train['ts_triton_over_peft']:.2f}")
+    print("goals: " + ", ".join(f"{k} {'met' if v else 'NOT met'}" for k, v in result["goals"].items()))
+    print(f"full numbers: {out} ({result['seconds']:.0f} s)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.dry_run_cpu:
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+    import triton
+
+    device, tiny = ("cpu", True) if args.dry_run_cpu else ("cuda", False)
+    if device == "cuda" and not torch.cuda.is_available():
+        print("gpu_check: no CUDA device (--dry-run-cpu exercises the script on CPU)", file=sys.stderr)
+        return 2
+    t_start = time.perf_counter()
+    result: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu (interpreter)",
+                    "torch": torch.__version__, "triton": triton.__version__, "dry_run": tiny}
+    cases = correctness(device, tiny)
+    result["correctness"] = {"passed": all(c["passed"] for c in cases), "cases": cases}
+    result["timings"] = t = timings(Timer(device, reps=1 if tiny else args.reps, warmup=1 if tiny else 3), device, tiny)
+    big = [r for r in t["serving"] if r["T"] == max(x["T"] for x in t["serving"])]
+    result["goals"] = {
+        "expand_at_50pct_skip_le_0.6x_dense": all(r["expand50_over_dense"] <= 0.6 for r in big),
+        "gate_le_10pct_of_shrink": all(r["gate_over_shrink"] <= 0.1 for r in big),
+        "ts_lora_step_le_peft_lora_step": t["train"]["ts_triton_over_peft"] <= 1.0,
+    }
+    result["seconds"] = time.perf_counter() - t_start
+    Path(args.out).write_text(json.dumps(result, indent=1, default=str))
+    report(result, args.out)
+    return 0 if result["correctness"]["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,223 @@
+"""The reproduction study: TS-LoRA / TS-DoRA against LoRA / DoRA on the eight commonsense tasks.
+
+    python tools/reproduce.py --out runs/reproduce                      # everything, cached and resumable
+    python tools/reproduce.py --out runs/reproduce --configs base,lora,ts-lora-0.5   # a part of it
+    python tools/reproduce.py --out runs/reproduce --report-only        # table and plot from what is done
+
+The paper's protocol (DoRA's commonsense suite) scaled to the bundled SmolLM2-135M-Instruct: one mixed
+training set with the same number of examples from each task's train split (written once to
+OUT/train.jsonl), and the same steps, batch, rank, learning rate and seed for every configuration:
+
+    lora, ts-lora-0.3, ts-lora-0.5, ts-lora-0.7, dora, ts-dora-0.5       (+ base: zero-shot)
+
+Each configuration trains in its own process (`tspeft-rt train`, checkpoints every --save-every
+steps) into OUT/<config>-s<seed>; a finished one (results.json) is skipped, an interrupted one
+resumes from its last checkpoint. Validation accuracy (acc, first --eval-limit examples per task)
+comes from the trainer's final evaluation, with the skip rate measured on the validation text;
+training time and peak memory (max RSS of the training process) are recorded. Writes OUT/results.csv,
+OUT/results.md (the README table: mean and spread over seeds) and OUT/accuracy_vs_skip.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+TASKS = ["boolq", "piqa", "siqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"]
+CONFIGS = {
+    "base": None,
+    "lora": {"method": "lora"},
+    "ts-lora-0.3": {"method": "ts-lora", "target_skip": 0.3},
+    "ts-lora-0.5": {"method": "ts-lora", "target_skip": 0.5},
+    "ts-lora-0.7": {"method": "ts-lora", "target_skip": 0.7},
+    "dora": {"method": "dora"},
+    "ts-dora-0.5": {"method": "ts-dora", "target_skip": 0.5},
+}
+CLI = [sys.executable, "-m", "tspeft_rt.cli"]
+
+
+def write_training_set(path: Path, per_task: int, seed: int) -> None:
+    """`per_task` seeded picks from each task's train split, shuffled together (prompt/completion JSONL)."""
+    from tspeft_rt.data import load_task, mc_to_text
+
+    rng = random.Random(seed)
+    examples = []
+    for task in TASKS:
+        docs = load_task(task, "train")
+        examples += [mc_to_text(ex) for ex in rng.sample(docs, min(per_task, len(docs)))]
+    rng.shuffle(examples)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps({"prompt": ex.prompt, "completion": ex.completion}) + "\n" for ex in examples))
+    tmp.replace(path)
+
+
+def train_settings(args, config: str, seed: int, run: Path) -> dict:
+    common = {"model": args.model, "data_files": [str(args.out / "train.jsonl")], "eval_tasks": TASKS,
+              "eval_examples": args.eval_limit, "steps": args.steps, "batch_size": args.batch_size,
+              "micro_batch_size": args.batch_size, "lr": args.lr, "warmup_steps": args.steps // 10,
+              "tau_warmup_steps": max(1, args.steps // 10), "rank": 8, "alpha": 16, "target_modules": "all-linear",
+              "seed": seed, "save_every": args.save_every, "log_every": max(1, min(10, args.steps // 4)), "progress": False,
+              "output_dir": str(run)}
+    return {**common, **CONFIGS[config]}
+
+
+def run_config(args, config: str, seed: int) -> None:
+    """Train (or resume) one configuration in a child process; time it and take its peak RSS."""
+    run = args.out / f"{config}-s{seed}"
+    if (run / "results.json").exists():
+        return
+    settings = train_settings(args, config, seed, run)
+    cmd = [*CLI, "train", *[f"--set={k}={json.dumps(v)}" for k, v in settings.items()]]
+    if (run / "checkpoints" / "latest").exists():
+        cmd.append("--resume")
+    print(f"[{time.strftime('%H:%M:%S')}] {config} seed {seed}: {'resuming' if '--resume' in cmd else 'training'}",
+          flush=True)
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd)
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        sys.exit(f"{config} seed {seed} failed (exit {os.waitstatus_to_exitcode(status)}); rerun to resume")
+    timing = run / "timing.json"  # parts of an interrupted run add up
+    previous = json.loads(timing.read_text()) if timing.exists() else {"train_eval_s": 0.0, "peak_rss_mb": 0.0}
+    timing.write_text(json.dumps({"train_eval_s": previous["train_eval_s"] + seconds,
+                                  "peak_rss_mb": max(previous["peak_rss_mb"], usage.ru_maxrss / 1024)}))
+
+
+def run_base(args) -> None:
+    """Zero-shot accuracy of the base model (cached)."""
+    out = args.out / "base" / "results.json"
+    if out.exists():
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    print(f"[{time.strftime('%H:%M:%S')}] base: zero-shot evaluation", flush=True)
+    r = subprocess.run([*CLI, "eval", "--model", args.model, "--tasks", ",".join(TASKS), "--limit",
+                        str(args.eval_limit), "--out", str(out.with_suffix(".tmp"))], stdout=subprocess.DEVNULL)
+    if r.returncode != 0:
+        sys.exit("base evaluation failed")
+    out.with_suffix(".tmp").replace(out)
+
+
+def collect(args) -> list[dict]:
+    rows = []
+    base = args.out / "base" / "results.json"
+    if base.exists():
+        rows.append(_row("base", 0, json.loads(base.read_text()), {}))
+    for config in CONFIGS:
+        for seed in args.seeds:
+            run = args.out / f"{config}-s{seed}"
+            if config != "base" and (run / "results.json").exists():
+                result = json.loads((run / "results.json").read_text())
+                timing = json.loads((run / "timing.json").read_text()) if (run / "timing.json").exists() else {}
+                rows.append(_row(config, seed, result["eval"], {**result, **timing}))
+    return rows
+
+
+def _row(config: str, seed: int, acc: dict, extra: dict) -> dict:
+    return {"config": config, "seed": seed, **{t: acc[t]["acc"] for t in TASKS}, "average": acc["average"]["acc"],
+            "train_skip": extra.get("train_skip", 0.0), "eval_skip": extra.get("eval_skip", 0.0),
+            "train_eval_s": extra.get("train_eval_s"), "peak_rss_mb": extra.get("peak_rss_mb")}
+
+
+def report(args, rows: list[dict]) -> None:
+    if not rows:
+        print("nothing finished yet")
+        return
+    with open(args.out / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    by_config: dict[str, list[dict]] = {}
+    for row in rows:
+        by_config.setdefault(row["config"], []).append(row)
+
+    def cell(values: list[float], pct: bool = True) -> str:
+        scale = 100 if pct else 1
+        mean = statistics.mean(values) * scale
+        return f"{mean:.1f}" + (f" ± {statistics.stdev(values) * scale:.1f}" if len(values) > 1 else "")
+
+    head = ["config", "seeds", *TASKS, "average", "skip (val)", "train+eval min", "peak RSS GB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for config, group in by_config.items():
+        times = [r["train_eval_s"] for r in group if r["train_eval_s"]]
+        mem = [r["peak_rss_mb"] for r in group if r["peak_rss_mb"]]
+        lines.append("| " + " | ".join([config, str(len(group)), *[cell([r[t] for r in group]) for t in TASKS],
+                                         cell([r["average"] for r in group]), cell([r["eval_skip"] for r in group]),
+                                         f"{statistics.mean(times) / 60:.0f}" if times else "-",
+                                         f"{max(mem) / 1024:.1f}" if mem else "-"]) + " |")
+    (args.out / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    plot(args, by_config)
+
+
+def plot(args, by_config: dict[str, list[dict]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for config, group in by_config.items():
+        skip = [r["eval_skip"] for r in group]
+        avg = [100 * r["average"] for r in group]
+        ax.scatter(skip, avg, label=config, marker="o" if "lora" in config else ("s" if "dora" in config else "x"))
+    ax.set_xlabel("skipped token updates (validation text)")
+    ax.set_ylabel("average accuracy, 8 tasks (%)")
+    ax.set_title("SmolLM2-135M: accuracy against measured skip rate")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(args.out / "accuracy_vs_skip.png", dpi=120)
+
+
+def check_settings(args) -> None:
+    """Cached runs are only comparable under one set of settings: record them, refuse a mismatch."""
+    settings = {k: getattr(args, k) for k in ("model", "per_task", "steps", "batch_size", "lr", "eval_limit")}
+    path = args.out / "study.json"
+    if path.exists() and json.loads(path.read_text()) != settings:
+        sys.exit(f"{path} records other settings ({path.read_text().strip()}); use another --out")
+    path.write_text(json.dumps(settings))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, default=Path("runs/reproduce"))
+    ap.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, of: {', '.join(CONFIGS)}")
+    ap.add_argument("--seeds", default="0", help="comma-separated training seeds")
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--per-task", type=int, default=100, help="training examples drawn from each task")
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--eval-limit", type=int, default=60, help="validation examples per task")
+    ap.add_argument("--save-every", type=int, default=25)
+    ap.add_argument("--report-only", action="store_true")
+    args = ap.parse_args()
+    args.seeds = [int(s) for s in args.seeds.split(",")]
+    unknown = set(args.configs.split(",")) - set(CONFIGS)
+    if unknown:
+        sys.exit(f"unknown configs {sorted(unknown)}; choose from {', '.join(CONFIGS)}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    check_settings(args)
+    if not args.report_only:
+        if not (args.out / "train.jsonl").exists():
+            write_training_set(args.out / "train.jsonl", args.per_task, seed=1234)
+        for config in args.configs.split(","):
+            if config == "base":
+                run_base(args)
+            else:
+                for seed in args.seeds:
+                    run_config(args, config, seed)
+    report(args, collect(args))
+
+
+if __name__ == "__main__":
+    main()
