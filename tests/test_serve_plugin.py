@@ -140,3 +140,21 @@ def tiny_gated_adapter(tmp_path_factory, tiny_model_dir):
     out = run / "adapter"
     export_checkpoint(run / "run", out)
     return out
+
+
+def test_adapter_with_unwrapped_modules_is_refused():
+    """vLLM silently drops weights of modules it did not wrap (e.g. outside --lora-target-modules)."""
+    from types import SimpleNamespace
+
+    from tspeft_rt.serve.adapters import GatedWorkerLoRAManager
+
+    manager = SimpleNamespace(modules={"model.layers.0.self_attn.qkv_proj": None},
+                              packed_modules={"model.layers.0.self_attn.qkv_proj": [
+                                  f"model.layers.0.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj")]})
+    worker = SimpleNamespace(_adapter_manager=manager)
+    request = SimpleNamespace(lora_name="x")
+    ok = SimpleNamespace(loras={"model.layers.0.self_attn.q_proj": None, "model.layers.0.self_attn.v_proj": None})
+    GatedWorkerLoRAManager._check_all_modules_wrapped(worker, request, ok)
+    bad = SimpleNamespace(loras={**ok.loras, "model.layers.0.mlp.down_proj": None})
+    with pytest.raises(ValueError, match="down_proj.*--lora-target-modules"):
+        GatedWorkerLoRAManager._check_all_modules_wrapped(worker, request, bad)
