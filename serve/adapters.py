@@ -15,20 +15,10 @@ from vllm.lora.request import LoRARequest
 from vllm.lora.utils import get_adapter_absolute_path, parse_fine_tuned_lora_name
 from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager
 
-from tspeft_rt.adapter import PREFIX, Adapter, AdapterError, check_identity, has_gate_files, load_adapter
+from tspeft_rt.adapter import PREFIX, Adapter, AdapterError, check_identity
+from tspeft_rt.serve.launcher import read_gated_adapter
 from tspeft_rt.serve.layers import GatedLoRALayer
 from tspeft_rt.serve.telemetry import TELEMETRY
-
-
-def read_gated_adapter(path: str) -> Adapter | None:
-    """The validated adapter if `path` holds gate files, None for a plain LoRA directory (vLLM checks it)."""
-    if not has_gate_files(path):
-        return None
-    adapter = load_adapter(path)
-    if adapter.dora:
-        raise AdapterError(f"{path}: TS-DoRA adapters cannot be served by vLLM (it has no DoRA support); "
-                           "serve it with `tspeft-rt generate` or export a TS-LoRA run")
-    return adapter
 
 
 def gate_taus(adapter: Adapter, weights_mapper=None) -> dict[str, float]:

@@ -24,7 +24,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tspeft_rt.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, has_gate_files, load_adapter
+from tspeft_rt.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Adapter, AdapterError, has_gate_files, load_adapter
 from tspeft_rt.assets import BUNDLED_MODEL, resolve_model_path
 from tspeft_rt.errors import TspeftError
 from tspeft_rt.serve.telemetry import STATS_ENV
@@ -51,18 +51,25 @@ class ServedAdapter:
     modules: set[str]  # module names' last component (q_proj, ...)
 
 
+def read_gated_adapter(path: str | Path) -> Adapter | None:
+    """The validated adapter if `path` holds gate files, None for a plain LoRA directory (vLLM checks
+    those). The one check before serving: the launcher, the API server and the worker all call it."""
+    if not has_gate_files(path):
+        return None
+    adapter = load_adapter(path)  # raises AdapterError naming the file and key
+    if adapter.dora:
+        raise AdapterError(f"{path}: TS-DoRA adapters cannot be served by vLLM (it has no DoRA support); "
+                           "use `tspeft-rt generate`, or train TS-LoRA")
+    return adapter
+
+
 def parse_adapter(spec: str) -> ServedAdapter:
     """`DIR` or `NAME=DIR`. Gated adapters are validated by tspeft-rt's loader; plain PEFT ones by vLLM."""
     name, sep, path = spec.partition("=")
     if not sep:
         name, path = Path(spec).name, spec
-    if has_gate_files(path):
-        adapter = load_adapter(path)  # raises AdapterError naming the file and key
-        config, modules = adapter.config, list(adapter.modules)
-    else:
-        config, modules = _plain_adapter(Path(path))
-    if config.get("use_dora"):
-        raise ServeError(f"{path}: DoRA adapters cannot be served by vLLM (it has no DoRA support)")
+    adapter = read_gated_adapter(path)
+    config, modules = (adapter.config, list(adapter.modules)) if adapter else _plain_adapter(Path(path))
     ranks = [config["r"], *config.get("rank_pattern", {}).values()]
     return ServedAdapter(name, Path(path).resolve(), max(ranks), {m.rsplit(".", 1)[-1] for m in modules})
 

@@ -109,7 +109,7 @@ def _validate_adapters_on_load() -> None:
     from vllm.entrypoints.serve import create_error_response
 
     from tspeft_rt.adapter import AdapterError, check_identity
-    from tspeft_rt.serve.adapters import read_gated_adapter
+    from tspeft_rt.serve.launcher import read_gated_adapter
 
     vllm_check = OpenAIServingModels._check_load_lora_adapter_request
 
