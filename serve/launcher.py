@@ -70,7 +70,7 @@ def parse_adapter(spec: str) -> ServedAdapter:
         name, path = Path(spec).name, spec
     adapter = read_gated_adapter(path)
     config, modules = (adapter.config, list(adapter.modules)) if adapter else _plain_adapter(Path(path))
-    ranks = [config["r"], *config.get("rank_pattern", {}).values()]
+    ranks = [config["r"], *(config.get("rank_pattern") or {}).values()]
     return ServedAdapter(name, Path(path).resolve(), max(ranks), {m.rsplit(".", 1)[-1] for m in modules})
 
 
