@@ -78,10 +78,6 @@ class PackedLoRA:
         self.tau = torch.zeros(max_loras, s, dtype=torch.float32, device=device)
         self.tau_sq, self.floor = gate_thresholds(self.tau)  # what the gate compares against
         self.gated = [False] * max_loras
-        # column -> slice one-hot: the per-slice squared norms of the base output in one matmul
-        self.slice_of_column = torch.zeros(n, s, dtype=torch.float32, device=device)
-        for i in range(s):
-            self.slice_of_column[self.offsets[i]:self.offsets[i + 1], i] = 1
 
     def set_slot(self, slot: int, lora_a: Sequence[Tensor], lora_b: Sequence[Tensor]) -> None:
         """Copy one slot's per-slice A_s [r, in] and B_s [N_s, r] (zero-padded to the rank)."""
