@@ -32,8 +32,12 @@ def test_study_outputs_cache_and_resume(tmp_path, tiny_model_dir):
     assert [r["config"] for r in rows] == ["base", "lora", "ts-lora-0.5"]
     assert float(rows[2]["eval_skip"]) > 0 and float(rows[1]["eval_skip"]) == 0
     assert all(float(r["peak_rss_mb"]) > 100 for r in rows[1:])
+    assert all(0 <= float(r["average_norm"]) <= 1 for r in rows)
     table = (out / "results.md").read_text()
-    assert "| ts-lora-0.5 | 1 |" in table and "hellaswag" in table
+    assert "| ts-lora-0.5 | 1 |" in table and "hellaswag" in table and "Δ avg vs dense" in table
+    delta = 100 * (float(rows[2]["average"]) - float(rows[1]["average"]))  # paired with LoRA's seed 0
+    ts_row = next(line for line in table.splitlines() if line.startswith("| ts-lora-0.5 "))
+    assert f"| {delta:+.1f} |" in ts_row
     assert (out / "accuracy_vs_skip.png").read_bytes()[:4] == b"\x89PNG"
 
     # cached: nothing retrains

@@ -122,7 +122,9 @@ def collect(args) -> list[dict]:
 
 
 def _row(config: str, seed: int, acc: dict, extra: dict) -> dict:
-    return {"config": config, "seed": seed, **{t: acc[t]["acc"] for t in TASKS}, "average": acc["average"]["acc"],
+    return {"config": config, "seed": seed, **{t: acc[t]["acc"] for t in TASKS},
+            "average": statistics.mean(acc[t]["acc"] for t in TASKS),
+            "average_norm": statistics.mean(acc[t]["acc_norm"] for t in TASKS),
             "train_skip": extra.get("train_skip", 0.0), "eval_skip": extra.get("eval_skip", 0.0),
             "train_eval_s": extra.get("train_eval_s"), "peak_rss_mb": extra.get("peak_rss_mb")}
 
@@ -139,18 +141,29 @@ def report(args, rows: list[dict]) -> None:
     for row in rows:
         by_config.setdefault(row["config"], []).append(row)
 
-    def cell(values: list[float], pct: bool = True) -> str:
-        scale = 100 if pct else 1
-        mean = statistics.mean(values) * scale
-        return f"{mean:.1f}" + (f" ± {statistics.stdev(values) * scale:.1f}" if len(values) > 1 else "")
+    def cell(values: list[float], signed: bool = False) -> str:
+        """Mean ± sample sd over seeds, in percent."""
+        mean = f"{100 * statistics.mean(values):{'+' if signed else ''}.1f}"
+        return mean + (f" ± {100 * statistics.stdev(values):.1f}" if len(values) > 1 else "")
 
-    head = ["config", "seeds", *TASKS, "average", "skip (val)", "train+eval min", "peak RSS GB"]
+    def delta_vs_dense(config: str, group: list[dict]) -> str:
+        """A TS run's average minus its dense method's (LoRA or DoRA) with the same seed: paired by seed,
+        the noise the two runs share (initialisation, data order) cancels."""
+        if not config.startswith("ts-"):
+            return "-"
+        dense = {r["seed"]: r["average"] for r in by_config.get(config.split("-")[1], [])}
+        deltas = [r["average"] - dense[r["seed"]] for r in group if r["seed"] in dense]
+        return cell(deltas, signed=True) if deltas else "-"
+
+    head = ["config", "seeds", *TASKS, "average", "avg acc_norm", "Δ avg vs dense", "skip (val)", "train+eval min",
+            "peak RSS GB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for config, group in by_config.items():
         times = [r["train_eval_s"] for r in group if r["train_eval_s"]]
         mem = [r["peak_rss_mb"] for r in group if r["peak_rss_mb"]]
         lines.append("| " + " | ".join([config, str(len(group)), *[cell([r[t] for r in group]) for t in TASKS],
-                                         cell([r["average"] for r in group]), cell([r["eval_skip"] for r in group]),
+                                         cell([r["average"] for r in group]), cell([r["average_norm"] for r in group]),
+                                         delta_vs_dense(config, group), cell([r["eval_skip"] for r in group]),
                                          f"{statistics.mean(times) / 60:.0f}" if times else "-",
                                          f"{max(mem) / 1024:.1f}" if mem else "-"]) + " |")
     (args.out / "results.md").write_text("\n".join(lines) + "\n")
@@ -159,21 +172,32 @@ def report(args, rows: list[dict]) -> None:
 
 
 def plot(args, by_config: dict[str, list[dict]]) -> None:
+    """Average accuracy against measured skip: each seed a faint point, the mean ± sd over seeds a bold
+    one; the dashed line is dense LoRA's mean, the bar to beat."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for config, group in by_config.items():
-        skip = [r["eval_skip"] for r in group]
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for i, (config, group) in enumerate(by_config.items()):
+        skip = [100 * r["eval_skip"] for r in group]
         avg = [100 * r["average"] for r in group]
-        ax.scatter(skip, avg, label=config, marker="o" if "lora" in config else ("s" if "dora" in config else "x"))
-    ax.set_xlabel("skipped token updates (validation text)")
+        sd = statistics.stdev(avg) if len(avg) > 1 else 0.0
+        # DoRA hollow, so that it does not hide LoRA where the two coincide
+        style = {"marker": "s", "facecolors": "none", "edgecolors": f"C{i}"} if "dora" in config else \
+            {"marker": "x" if config == "base" else "o", "color": f"C{i}"}
+        ax.scatter(skip, avg, alpha=0.35, s=18, **style)
+        ax.errorbar(statistics.mean(skip), statistics.mean(avg), yerr=sd, color=f"C{i}", capsize=3)
+        ax.scatter(statistics.mean(skip), statistics.mean(avg), s=60, label=config, **style)
+    if "lora" in by_config:
+        ax.axhline(100 * statistics.mean(r["average"] for r in by_config["lora"]), ls="--", lw=0.8, color="grey")
+    seeds = max(len(g) for g in by_config.values())
+    ax.set_xlabel("skipped token updates on the validation text (%)")
     ax.set_ylabel("average accuracy, 8 tasks (%)")
-    ax.set_title("SmolLM2-135M: accuracy against measured skip rate")
+    ax.set_title(f"SmolLM2-135M-Instruct, {seeds} seed{'s' if seeds > 1 else ''}: accuracy against skip")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(args.out / "accuracy_vs_skip.png", dpi=120)
 

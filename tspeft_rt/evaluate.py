@@ -113,9 +113,9 @@ def mc_accuracy(score: Scorer, examples: list[MCExample]) -> dict[str, float]:
 
 
 def score_tasks(score: Scorer, tasks: list[str], limit: int | None) -> dict:
-    """Validation accuracy per task and the average of `acc` over tasks."""
+    """Validation accuracy per task and the averages of `acc` and `acc_norm` over tasks."""
     results = {t: mc_accuracy(score, load_task(t, "validation", limit)) for t in tasks}
-    results["average"] = {"acc": sum(r["acc"] for r in results.values()) / max(1, len(tasks))}
+    results["average"] = {m: sum(r[m] for r in results.values()) / max(1, len(tasks)) for m in ("acc", "acc_norm")}
     return results
 
 
