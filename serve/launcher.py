@@ -188,9 +188,9 @@ class Server:
             return json.load(r)["data"]
 
     def stop(self, grace: float = 20.0) -> None:
-        """SIGTERM the API server, which shuts its engine core down in order; then SIGTERM whatever is left
-        of the process group (engine core, workers), then SIGKILL stragglers. (Signalling the engine core
-        first makes the API server log an EngineDeadError traceback on every clean stop.)"""
+        """SIGTERM the API server, so that vLLM stops its engine core and workers its own way (draining
+        requests for `--shutdown-timeout` seconds if given); then SIGTERM whatever is left of the process
+        group, then SIGKILL stragglers."""
         if self.process is None:
             return
         pgid = self.process.pid  # start_new_session: the server leads its own group
