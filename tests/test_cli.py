@@ -165,6 +165,20 @@ def test_no_top_level_kernels_or_serve_package(tmp_path):
     assert out["serve"], "a top-level `serve` package is importable"
 
 
+# ---- eval ------------------------------------------------------------------------------------------
+
+
+def test_eval_prints_and_writes_per_task_and_average_accuracy(tmp_path, tiny_model_dir):
+    r = run_cli(["eval", "--model", str(tiny_model_dir), "--tasks", "arc_easy,piqa", "--limit", "3",
+                 "--out", "eval.json"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert json.loads((tmp_path / "eval.json").read_text()) == result
+    assert [result[t]["n"] for t in ("arc_easy", "piqa")] == [3, 3]
+    for metric in ("acc", "acc_norm"):
+        assert result["average"][metric] == pytest.approx((result["arc_easy"][metric] + result["piqa"][metric]) / 2)
+
+
 # ---- eval --endpoint -------------------------------------------------------------------------------
 
 
