@@ -54,7 +54,7 @@ def group_by_slot(slots: Tensor) -> list[SlotGroup]:
     """Split token rows by adapter slot, dropping slot -1 (no adapter)."""
     present = torch.unique(slots).tolist()
     if len(present) == 1:
-        return [SlotGroup(present[0], slice(None), slots.numel())] if present[0] >= 0 else []
+        return [SlotGroup(present[0], slice(0, slots.numel()), slots.numel())] if present[0] >= 0 else []
     groups = []
     for slot in present:
         if slot >= 0:
@@ -63,17 +63,33 @@ def group_by_slot(slots: Tensor) -> list[SlotGroup]:
     return groups
 
 
+def lora_segments(slots: Tensor, max_loras: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(sorted_idx [T], counts [L], starts [L]), all int32, from per-token slots in [-1, L) (-1 = no
+    adapter): the device-side grouping the Triton kernels read.
+
+    sorted_idx is the stable argsort of the slots; slot l's tokens are
+    sorted_idx[starts[l] : starts[l] + counts[l]]. Device ops only (no bincount: it syncs on CUDA).
+    """
+    slots = slots.long()
+    sorted_idx = torch.argsort(slots, stable=True).to(torch.int32)
+    counts = torch.zeros(max_loras + 1, dtype=torch.int32, device=slots.device)
+    counts.scatter_add_(0, slots + 1, torch.ones_like(slots, dtype=torch.int32))
+    starts = torch.cumsum(counts, 0, dtype=torch.int32) - counts  # slot -1 sorts first: index 0
+    return sorted_idx, counts[1:], starts[1:]
+
+
 class PackedLoRA:
     """Every slot's LoRA of one layer, slices packed: A [L, S*r, in], block-diagonal B [L, sum N, S*r]
-    and Gram [L, S*r, S*r] (fp32), tau [L, S] (fp32), and whether each slot runs the gate."""
+    and Gram [L, S*r, S*r] (fp32), tau [L, S] (fp32), and whether each slot runs the gate. Without
+    `pack_weights` (the Triton path, which reads vLLM's own buffers) only the gate state is kept."""
 
     def __init__(self, max_loras: int, rank: int, in_features: int, output_slices: Sequence[int],
-                 dtype: torch.dtype, device: torch.device | str) -> None:
+                 dtype: torch.dtype, device: torch.device | str, pack_weights: bool = True) -> None:
         s, n = len(output_slices), sum(output_slices)
         self.rank, self.output_slices = rank, tuple(output_slices)
         self.offsets = [sum(output_slices[:i]) for i in range(s + 1)]
-        self.a = torch.zeros(max_loras, s * rank, in_features, dtype=dtype, device=device)
-        self.b = torch.zeros(max_loras, n, s * rank, dtype=dtype, device=device)
+        self.a = torch.zeros(max_loras, s * rank, in_features, dtype=dtype, device=device) if pack_weights else None
+        self.b = torch.zeros(max_loras, n, s * rank, dtype=dtype, device=device) if pack_weights else None
         self.gram = torch.zeros(max_loras, s * rank, s * rank, dtype=torch.float32, device=device)
         self.tau = torch.zeros(max_loras, s, dtype=torch.float32, device=device)
         self.tau_sq, self.floor = gate_thresholds(self.tau)  # what the gate compares against
@@ -85,13 +101,15 @@ class PackedLoRA:
         r = self.rank
         for s, (a, b) in enumerate(zip(lora_a, lora_b)):
             cols = slice(s * r, (s + 1) * r)
-            self.a[slot, cols] = a
-            self.b[slot, self.offsets[s]:self.offsets[s + 1], cols] = b
+            if self.a is not None:
+                self.a[slot, cols] = a
+                self.b[slot, self.offsets[s]:self.offsets[s + 1], cols] = b
             self.gram[slot, cols, cols] = gram(b)
 
     def reset_slot(self, slot: int) -> None:
-        self.a[slot] = 0
-        self.b[slot] = 0
+        if self.a is not None:
+            self.a[slot] = 0
+            self.b[slot] = 0
         self.gram[slot] = 0
         self.set_gate(slot, [None] * len(self.output_slices))
 
@@ -152,6 +170,6 @@ def _expand_by_slice(output: Tensor, h: Tensor, on: Tensor | None, per_slice: li
             h_s = h_s * on[:, s:s + 1]
         b = packed.b[group.slot, lo:hi, s * r:(s + 1) * r]
         if isinstance(rows, slice) and h_s.dtype == output.dtype:
-            output[:, lo:hi].addmm_(h_s, b.T)  # every row of the batch: the add fused into the matmul
+            output[rows, lo:hi].addmm_(h_s, b.T)  # contiguous rows: the add fused into the matmul
         else:
             output[:, lo:hi].index_add_(0, rows, (h_s @ b.T).to(output.dtype))

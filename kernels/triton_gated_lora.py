@@ -8,34 +8,43 @@ batch (`lora_segments`); per slice s of the layer and slot l, on the rows t of s
                                      as the expand and the PyTorch path use it)
     b2        = ||output[t, slice s]||^2                      fp32
     on[s, t]  = d2 >= max(tau^2 max(b2, EPS^2), TINY * (tau > 0))       tspeft_rt.gate.gate_keep
-    output[t, slice s] += B_s[l] h[s, t]        only where on          gated expand
+    output[t, slice s] += B_s[l] h[s, t]        only where on
 
-tau = 0 keeps every token (plain LoRA); slot -1 (no adapter) is never on. `kept[l]` counts the
-(token, slice) updates kept per slot, on the device.
+tau = 0 keeps every token (plain LoRA); slot -1 (no adapter) is never on.
+
+Two kernels. The shrink (split over K for decode-sized batches) writes h. The gated expand fuses the
+gate into the expand: a program takes BLOCK_M rows of one slot's segment and one slice, reads those
+output rows once for their norms (skipped at tau = 0, where every row is kept), decides, and then
+adds the delta to the kept rows only, so an off row is read once and never written. The byte budget
+per token is about x + out + (1 - skip) out against dense LoRA's x + 2 out (the second read of a
+kept row comes from L2: a program re-reads the rows it has just read). A program must own whole
+rows of its slice, since its norms would otherwise see columns another program already updated, so
+batches with too few row tiles to fill the GPU (`expand_tiles`: decode) run the same kernel twice:
+first the gate alone (norms, decisions into `on`), then the expand with each slice's columns split
+over several programs. There the norm read is small beside the weights every program reads anyway.
 
 Everything stays on the device: no host synchronisation, no branching on tensor data in Python, and
 every launch grid depends only on shapes, max_loras and block sizes, so the ops can be captured in
 CUDA graphs. They are torch custom ops (`torch.ops.tspeft.*`, with fake implementations), so Dynamo
-treats them as opaque. Grid: (row tiles x column tiles, slices, slots); a program takes BLOCK_M rows
-of one slot's segment of the sorted tokens and exits at once when its tile lies past the segment
-(as vLLM's punica kernels do). The expand also exits when none of its rows is on and masks the
-loads and stores of off rows, so their output rows are neither read nor written. Costs: the shrink
-runs for every token with an adapter (split over K for decode-sized batches), the gate reads each
-output row once (the base norm, its bulk), the expand reads and writes the on rows only.
+treats them as opaque. Grid: (row tiles x column chunks, slices, slots); a program exits at once when
+its tile lies past its slot's segment (as vLLM's punica kernels do) and, in the expand, when none of
+its rows is on.
 
-The per-slice weight pointers travel in a small int64 table on the device, built once per set of
-weight buffers and cached (vLLM does the same): the first call for a set of buffers must come
-before CUDA graph capture. Runs on CUDA, or on CPU tensors under TRITON_INTERPRET=1 (the tests).
+The per-slice weight pointers travel in small int64 tables (`LoRAWeights`), built once for a set of
+weight buffers (vLLM allocates a layer's buffers once and copies each adapter into them), never
+inside a forward. Runs on CUDA, or on CPU tensors under TRITON_INTERPRET=1 (the tests).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from tspeft_rt.gate import _TINY, EPS
+from tspeft_rt.kernels.gated_lora import lora_segments  # noqa: F401 - the batch grouping the kernels read
 
 try:
     import triton
@@ -45,54 +54,44 @@ try:
 except ImportError:  # the module still imports (the CPU serving path never needs it)
     HAS_TRITON = False
 
-_TABLES: dict[tuple, Tensor] = {}
-_MAX_TABLES = 256
+TARGET_PROGRAMS = 256
+"""Programs the split expand aims to launch per slot: about two per SM of an H100/H200 (132 SMs)."""
+FUSE_MIN_TILES = 64
+"""Row tiles x slices from which the gate and the expand run fused, one program per row tile and
+slice (fewer: the gate first, then the expand with the columns split)."""
 
 
-def lora_segments(slots: Tensor, max_loras: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(sorted_idx [T], counts [L], starts [L]), all int32, from per-token slots in [-1, L) (-1 = no
-    adapter).
+@dataclass(frozen=True)
+class LoRAWeights:
+    """A layer's stacked LoRA buffers, lora_a[s] [L, 1, r, in] and lora_b[s] [L, 1, N_s, r] (vLLM's
+    layout, scaling folded into B), with the pointer tables the kernels read them through:
+    a_table [S, 4] (pointer, strides of slot, rank row, input column) and b_table [S, 6] (pointer,
+    strides of slot, output row, rank column; width N_s, column offset). Build once per set of
+    buffers (`from_buffers`): the tables hold their addresses."""
 
-    sorted_idx is the stable argsort of the slots; slot l's tokens are
-    sorted_idx[starts[l] : starts[l] + counts[l]]. Device ops only (no bincount: it syncs on CUDA).
-    """
-    slots = slots.long()
-    sorted_idx = torch.argsort(slots, stable=True).to(torch.int32)
-    counts = torch.zeros(max_loras + 1, dtype=torch.int32, device=slots.device)
-    counts.scatter_add_(0, slots + 1, torch.ones_like(slots, dtype=torch.int32))
-    starts = torch.cumsum(counts, 0, dtype=torch.int32) - counts  # slot -1 sorts first: index 0
-    return sorted_idx, counts[1:], starts[1:]
+    lora_a: list[Tensor]
+    lora_b: list[Tensor]
+    output_slices: list[int]
+    a_table: Tensor
+    b_table: Tensor
 
-
-def _table(kind: str, rows: list[list[int]], key: tuple, device: torch.device) -> Tensor:
-    """The int64 table `rows` on the device, cached by the buffers' pointers, shapes and strides (a
-    host-to-device copy: it must first happen before any CUDA graph capture)."""
-    key = (kind, device, *key)
-    table = _TABLES.get(key)
-    if table is None:
-        if len(_TABLES) >= _MAX_TABLES:
-            _TABLES.clear()
-        table = _TABLES[key] = torch.tensor(rows, dtype=torch.int64, device=device)
-    return table
-
-
-def _key(ts: Sequence[Tensor]) -> tuple:
-    return tuple((t.data_ptr(), tuple(t.shape), t.stride()) for t in ts)
-
-
-def _a_table(lora_a: Sequence[Tensor]) -> Tensor:
-    """[S, 4] per slice: A pointer, strides (slot, rank row, input column)."""
-    rows = [[a.data_ptr(), a.stride(0), a.stride(-2), a.stride(-1)] for a in lora_a]
-    return _table("a", rows, _key(lora_a), lora_a[0].device)
-
-
-def _b_table(lora_b: Sequence[Tensor], output_slices: Sequence[int]) -> Tensor:
-    """[S, 6] per slice: B pointer, strides (slot, output row, rank column), width N_s, column offset."""
-    rows, offset = [], 0
-    for b, n in zip(lora_b, output_slices):
-        rows.append([b.data_ptr(), b.stride(0), b.stride(-2), b.stride(-1), n, offset])
-        offset += n
-    return _table("b", rows, (*_key(lora_b), tuple(output_slices)), lora_b[0].device)
+    @classmethod
+    def from_buffers(cls, lora_a: Sequence[Tensor], lora_b: Sequence[Tensor],
+                     output_slices: Sequence[int]) -> LoRAWeights:
+        if not (len(lora_a) == len(lora_b) == len(output_slices)):
+            raise ValueError(f"tspeft-rt: {len(lora_a)} A and {len(lora_b)} B buffers for "
+                             f"{len(output_slices)} slices")
+        if any(w.dtype != lora_a[0].dtype for w in (*lora_a, *lora_b)):
+            raise ValueError("tspeft-rt: the LoRA A and B buffers must share one dtype")
+        a_rows = [[a.data_ptr(), a.stride(0), a.stride(-2), a.stride(-1)] for a in lora_a]
+        b_rows, offset = [], 0
+        for b, n in zip(lora_b, output_slices):
+            b_rows.append([b.data_ptr(), b.stride(0), b.stride(-2), b.stride(-1), n, offset])
+            offset += n
+        device = lora_a[0].device
+        return cls(list(lora_a), list(lora_b), list(output_slices),
+                   torch.tensor(a_rows, dtype=torch.int64, device=device),
+                   torch.tensor(b_rows, dtype=torch.int64, device=device))
 
 
 def dot_mode(w: Tensor) -> tuple[bool, str]:
@@ -108,9 +107,59 @@ def _pow2(n: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(n))
 
 
-def _block_m(num_tokens: int) -> int:
-    """Rows per program: small tiles for decode-sized batches, larger for prefill."""
-    return 16 if num_tokens <= 16 else 32 if num_tokens <= 128 else 64
+def _block_m(num_tokens: int, wide: bool) -> int:
+    """Rows per program: small tiles for decode-sized batches, larger for prefill (fewer when wide)."""
+    return 16 if num_tokens <= 16 else 32 if num_tokens <= 128 or wide else 64
+
+
+def _wide(rank: int, dtype: torch.dtype) -> bool:
+    """Rank 64 and up, or fp32 weights: tiles that take twice the registers."""
+    return _pow2(rank) >= 64 or dtype == torch.float32
+
+
+@dataclass(frozen=True)
+class ShrinkTiles:
+    block_m: int
+    block_r: int
+    block_k: int
+    split_k: int
+    num_warps: int
+
+
+@dataclass(frozen=True)
+class ExpandTiles:
+    block_m: int
+    block_r: int
+    block_n: int
+    chunk_n: int  # columns per expand program: the widest slice when the gate is fused
+    fused: bool
+    num_warps: int
+
+
+# Block sizes and warps depend on the shape alone (so a CUDA graph sees one launch per shape). They
+# were chosen with `tools/kernel_report.py` (ptxas registers and spills for sm_90a and sm_80): at
+# rank 64 or fp32, fewer rows per program and more warps, so the tiles fit in registers; 64-column
+# expand tiles (128 took 251 of 255 registers at rank 16, one 8-warp program per SM).
+
+
+def shrink_tiles(num_tokens: int, in_features: int, num_slices: int, rank: int, dtype: torch.dtype) -> ShrinkTiles:
+    wide = _wide(rank, dtype)
+    block_m, block_k = _block_m(num_tokens, wide), min(64 if wide else 128, _pow2(in_features))
+    # Decode-sized batches have too few row tiles to fill the GPU: split K across programs instead.
+    m_tiles = triton.cdiv(num_tokens, block_m)
+    split_k = max(1, min(16, 128 // (m_tiles * num_slices), triton.cdiv(in_features, block_k)))
+    return ShrinkTiles(block_m, _pow2(rank), block_k, split_k, 8 if wide and block_m >= 32 else 4)
+
+
+def expand_tiles(num_tokens: int, output_slices: Sequence[int], rank: int, dtype: torch.dtype) -> ExpandTiles:
+    wide = _wide(rank, dtype)
+    block_m, max_n = _block_m(num_tokens, wide), max(output_slices)
+    block_n = min(64, _pow2(max_n))
+    n_blocks, tiles = triton.cdiv(max_n, block_n), triton.cdiv(num_tokens, block_m) * len(output_slices)
+    # Few row tiles (decode): the columns of each slice are split over more programs.
+    chunks = 1 if tiles >= FUSE_MIN_TILES else min(n_blocks, triton.cdiv(TARGET_PROGRAMS, tiles))
+    return ExpandTiles(block_m, _pow2(rank), block_n, triton.cdiv(n_blocks, chunks) * block_n, chunks == 1,
+                       8 if wide or block_m >= 64 else 4)
 
 
 if HAS_TRITON:
@@ -157,207 +206,216 @@ if HAS_TRITON:
             tl.atomic_add(h_ptrs, acc, mask=mask)
 
     @triton.jit
-    def _gate_kernel(h_ptr, out_ptr, w_ref, b_tab, grams_ptr, taus_ptr, on_ptr, kept_ptr,
-                     sorted_ptr, counts_ptr, starts_ptr, R,
-                     stride_hs, stride_ht, stride_hr, stride_ot, stride_oc, stride_gs, stride_gl, stride_gr,
-                     stride_gc, stride_ts, stride_tl, stride_ons, stride_ont,
-                     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KEPT: tl.constexpr,
-                     EPS_SQ: tl.constexpr, TINY: tl.constexpr):
-        tile, s, slot = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        count = tl.load(counts_ptr + slot)
-        if tile * BLOCK_M >= count:  # past the slot's segment (most programs when few slots are active)
+    def _gated_expand_kernel(h_ptr, out_ptr, w_ref, b_tab, grams_ptr, taus_ptr, counters_ptr, on_ptr,
+                             sorted_ptr, counts_ptr, starts_ptr, R, MAX_N, CHUNK_N,
+                             stride_hs, stride_ht, stride_hr, stride_ot, stride_oc,
+                             stride_gs, stride_gl, stride_gr, stride_gc, stride_ts, stride_tl, stride_cn,
+                             stride_ons, stride_ont,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                             GATE: tl.constexpr, EXPAND: tl.constexpr, HAS_COUNTERS: tl.constexpr,
+                             HAS_ON: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                             EPS_SQ: tl.constexpr, TINY: tl.constexpr):
+        """GATE: decide (counters, `on`); else read the decisions from `on`. EXPAND: add the kept deltas.
+        Both (fused): each program owns whole rows of its slice (CHUNK_N >= every slice width)."""
+        pid, s, slot = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        n_chunks = tl.cdiv(MAX_N, CHUNK_N)
+        tile, chunk = pid // n_chunks, pid % n_chunks
+        count, n_s = tl.load(counts_ptr + slot), tl.load(b_tab + s * 6 + 4).to(tl.int32)
+        col0 = chunk * CHUNK_N
+        if (tile * BLOCK_M >= count) | (col0 >= n_s):  # past the segment or the slice
             return
         rows, row_ok = _segment_rows(sorted_ptr, starts_ptr, count, tile, slot, BLOCK_M)
+        w_dtype = w_ref.dtype.element_ty
         r = tl.arange(0, BLOCK_R)
         r_ok = r < R
         h = tl.load(h_ptr + s * stride_hs + rows[:, None] * stride_ht + r[None, :] * stride_hr,
-                    mask=row_ok[:, None] & r_ok[None, :], other=0.0)
-        h = h.to(w_ref.dtype.element_ty).to(tl.float32)
-        g = tl.load(grams_ptr + s * stride_gs + slot * stride_gl + r[:, None] * stride_gr + r[None, :] * stride_gc,
-                    mask=r_ok[:, None] & r_ok[None, :], other=0.0)
-        delta_sq = tl.sum(tl.dot(h, g, input_precision="ieee") * h, axis=1)
-        n_s, offset = tl.load(b_tab + s * 6 + 4).to(tl.int32), tl.load(b_tab + s * 6 + 5)
-        base_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for n0 in range(0, n_s, BLOCK_N):
-            n = n0 + tl.arange(0, BLOCK_N)
-            base = tl.load(out_ptr + rows[:, None] * stride_ot + (offset + n)[None, :] * stride_oc,
-                           mask=row_ok[:, None] & (n[None, :] < n_s), other=0.0).to(tl.float32)
-            base_sq += tl.sum(base * base, axis=1)
-        tau = tl.load(taus_ptr + s * stride_ts + slot * stride_tl)
-        threshold = tl.maximum(tau * tau * tl.maximum(base_sq, EPS_SQ), tl.where(tau > 0, TINY, 0.0))
-        on = row_ok & (delta_sq >= threshold)
-        tl.store(on_ptr + s * stride_ons + rows * stride_ont, on.to(tl.int8), mask=row_ok)
-        if HAS_KEPT:
-            tl.atomic_add(kept_ptr + slot, tl.sum(on.to(tl.int64), axis=0))
-
-    @triton.jit
-    def _expand_kernel(h_ptr, out_ptr, w_ref, b_tab, on_ptr, sorted_ptr, counts_ptr, starts_ptr, R, MAX_N,
-                       stride_hs, stride_ht, stride_hr, stride_ot, stride_oc, stride_ons, stride_ont,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-                       UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-        pid, s, slot = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        n_tiles = tl.cdiv(MAX_N, BLOCK_N)
-        tile, n_tile = pid // n_tiles, pid % n_tiles
-        count, n_s = tl.load(counts_ptr + slot), tl.load(b_tab + s * 6 + 4).to(tl.int32)
-        if (tile * BLOCK_M >= count) | (n_tile * BLOCK_N >= n_s):  # past the segment or the slice
+                    mask=row_ok[:, None] & r_ok[None, :], other=0.0).to(w_dtype)
+        offset = tl.load(b_tab + s * 6 + 5)
+        out_rows = out_ptr + rows[:, None] * stride_ot
+        if GATE:
+            tau = tl.load(taus_ptr + s * stride_ts + slot * stride_tl)
+            on = row_ok
+            if tau != 0.0:  # tau = 0 (plain LoRA) keeps every row: the base is not read for a norm
+                hf = h.to(tl.float32)
+                g = tl.load(grams_ptr + s * stride_gs + slot * stride_gl + r[:, None] * stride_gr
+                            + r[None, :] * stride_gc, mask=r_ok[:, None] & r_ok[None, :], other=0.0)
+                delta_sq = tl.sum(tl.dot(hf, g, input_precision="ieee") * hf, axis=1)
+                base_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+                for n0 in range(0, n_s, BLOCK_N):
+                    n = n0 + tl.arange(0, BLOCK_N)
+                    base = tl.load(out_rows + (offset + n)[None, :] * stride_oc,
+                                   mask=row_ok[:, None] & (n[None, :] < n_s), other=0.0).to(tl.float32)
+                    base_sq += tl.sum(base * base, axis=1)
+                threshold = tl.maximum(tau * tau * tl.maximum(base_sq, EPS_SQ), tl.where(tau > 0, TINY, 0.0))
+                on = row_ok & (delta_sq >= threshold)
+            if HAS_COUNTERS:  # counters [2, L]: (token, slice) updates routed, and kept
+                tl.atomic_add(counters_ptr + slot, tl.sum(row_ok.to(tl.int64), axis=0))
+                tl.atomic_add(counters_ptr + stride_cn + slot, tl.sum(on.to(tl.int64), axis=0))
+            if HAS_ON:
+                tl.store(on_ptr + s * stride_ons + rows * stride_ont, on.to(tl.int8), mask=row_ok)
+        else:
+            on = tl.load(on_ptr + s * stride_ons + rows * stride_ont, mask=row_ok, other=0) != 0
+        if not EXPAND:
             return
-        rows, row_ok = _segment_rows(sorted_ptr, starts_ptr, count, tile, slot, BLOCK_M)
-        on = tl.load(on_ptr + s * stride_ons + rows * stride_ont, mask=row_ok, other=0) != 0
-        if tl.max(on.to(tl.int32), axis=0) == 0:  # every row gated off: nothing to read or write
+        if tl.max(on.to(tl.int32), axis=0) == 0:  # every row gated off: nothing to write
             return
-        w_dtype = w_ref.dtype.element_ty
-        r = tl.arange(0, BLOCK_R)
-        h = tl.load(h_ptr + s * stride_hs + rows[:, None] * stride_ht + r[None, :] * stride_hr,
-                    mask=on[:, None] & (r[None, :] < R), other=0.0).to(w_dtype)
         b_ptr = tl.load(b_tab + s * 6).to(tl.pointer_type(w_dtype)) + slot * tl.load(b_tab + s * 6 + 1)
         stride_bn, stride_br = tl.load(b_tab + s * 6 + 2), tl.load(b_tab + s * 6 + 3)
-        offset = tl.load(b_tab + s * 6 + 5)
-        n = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = n < n_s
-        bt = tl.load(b_ptr + n[None, :] * stride_bn + r[:, None] * stride_br,
-                     mask=(r[:, None] < R) & n_ok[None, :], other=0.0)
+        col_end = tl.minimum(col0 + CHUNK_N, n_s)
         if UPCAST:
-            h, bt = h.to(tl.float32), bt.to(tl.float32)
-        delta = tl.dot(h, bt, input_precision=PRECISION).to(w_dtype)  # the delta in the weights' dtype
-        out_ptrs = out_ptr + rows[:, None] * stride_ot + (offset + n)[None, :] * stride_oc
-        mask = on[:, None] & n_ok[None, :]
-        out = tl.load(out_ptrs, mask=mask, other=0.0)
-        total = out.to(tl.float32) + delta.to(out.dtype).to(tl.float32)
-        tl.store(out_ptrs, total.to(out.dtype), mask=mask)
+            h = h.to(tl.float32)
+        for n0 in range(col0, col_end, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            n_ok = n < col_end
+            bt = tl.load(b_ptr + n[None, :] * stride_bn + r[:, None] * stride_br,
+                         mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+            if UPCAST:
+                bt = bt.to(tl.float32)
+            delta = tl.dot(h, bt, input_precision=PRECISION).to(w_dtype)  # the delta in the weights' dtype
+            out_ptrs = out_rows + (offset + n)[None, :] * stride_oc
+            mask = on[:, None] & n_ok[None, :]
+            out = tl.load(out_ptrs, mask=mask, other=0.0)
+            total = out.to(tl.float32) + delta.to(out.dtype).to(tl.float32)
+            tl.store(out_ptrs, total.to(out.dtype), mask=mask)
 
 
-def _check(weights: Sequence[Tensor], num_slices: int) -> None:
-    """Shape-only checks (no device data): triton present, one weight buffer per slice, one dtype."""
+def _require_triton() -> None:
     if not HAS_TRITON:
         raise RuntimeError("tspeft-rt: the Triton kernels need the triton package")
-    if len(weights) != num_slices:
-        raise ValueError(f"tspeft-rt: {len(weights)} LoRA buffers for {num_slices} slices")
-    if any(w.dtype != weights[0].dtype for w in weights):
-        raise ValueError("tspeft-rt: the LoRA A and B buffers must share one dtype")
 
 
-def _shrink(x: Tensor, lora_a: Sequence[Tensor], sorted_idx: Tensor, counts: Tensor, starts: Tensor) -> Tensor:
-    T, K = x.shape
-    S, L, R = len(lora_a), counts.numel(), lora_a[0].shape[-2]
-    h = torch.zeros((S, T, R), dtype=torch.float32, device=x.device)
-    if T == 0:
-        return h
-    block_m, block_k = _block_m(T), min(128, _pow2(K))
-    m_tiles = triton.cdiv(T, block_m)
-    # Decode-sized batches have too few row tiles to fill the GPU: split K across programs instead.
-    split_k = max(1, min(16, 128 // (m_tiles * S), triton.cdiv(K, block_k)))
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch: `kernel[grid](*args, **meta)`. `tools/kernel_report.py` compiles the same
+    launches ahead of time for a GPU target."""
+
+    kernel: object
+    grid: tuple[int, int, int]
+    args: tuple
+    meta: dict
+
+    def __call__(self) -> None:
+        self.kernel[self.grid](*self.args, **self.meta)
+
+
+def shrink_launch(h: Tensor, x: Tensor, lora_a: Sequence[Tensor], a_table: Tensor, sorted_idx: Tensor,
+                  counts: Tensor, starts: Tensor) -> Launch:
+    """The shrink into the zeroed h [S, T, r] fp32."""
+    S, T, R = h.shape
+    t = shrink_tiles(T, x.shape[1], S, R, lora_a[0].dtype)
     upcast, precision = dot_mode(lora_a[0])
-    _shrink_kernel[(m_tiles * split_k, S, L)](
-        x, lora_a[0], _a_table(lora_a), h, sorted_idx, counts, starts, K, R,
-        x.stride(0), x.stride(1), h.stride(0), h.stride(1), h.stride(2),
-        BLOCK_M=block_m, BLOCK_R=_pow2(R), BLOCK_K=block_k, SPLIT_K=split_k, UPCAST=upcast, PRECISION=precision,
-    )
+    return Launch(_shrink_kernel, (triton.cdiv(T, t.block_m) * t.split_k, S, counts.numel()),
+                  (x, lora_a[0], a_table, h, sorted_idx, counts, starts, x.shape[1], R,
+                   x.stride(0), x.stride(1), h.stride(0), h.stride(1), h.stride(2)),
+                  dict(BLOCK_M=t.block_m, BLOCK_R=t.block_r, BLOCK_K=t.block_k, SPLIT_K=t.split_k, UPCAST=upcast,
+                       PRECISION=precision, num_warps=t.num_warps))
+
+
+def gated_expand_launches(output: Tensor, h: Tensor, lora_b: Sequence[Tensor], b_table: Tensor, grams: Tensor,
+                          taus: Tensor, sorted_idx: Tensor, counts: Tensor, starts: Tensor,
+                          output_slices: Sequence[int], counters: Tensor | None, on: Tensor | None) -> list[Launch]:
+    """The gate and the expand into `output`: one fused launch, or the gate and then the expand with
+    the columns split (module docstring)."""
+    S, T, R = h.shape
+    t = expand_tiles(T, output_slices, R, lora_b[0].dtype)
+    if not t.fused and on is None:
+        on = torch.empty((S, T), dtype=torch.int8, device=h.device)
+    max_n = max(output_slices)
+    upcast, precision = dot_mode(lora_b[0])
+    m_tiles = triton.cdiv(T, t.block_m)
+
+    def args(chunk_n: int) -> tuple:
+        return (h, output, lora_b[0], b_table, grams, taus, h if counters is None else counters,
+                h if on is None else on, sorted_idx, counts, starts, R, max_n, chunk_n,
+                h.stride(0), h.stride(1), h.stride(2), output.stride(0), output.stride(1),
+                *grams.stride(), *taus.stride(), 0 if counters is None else counters.stride(0),
+                *(on.stride() if on is not None else (0, 0)))
+
+    meta = dict(BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_R=t.block_r, HAS_COUNTERS=counters is not None,
+                HAS_ON=on is not None, UPCAST=upcast, PRECISION=precision, EPS_SQ=EPS * EPS, TINY=_TINY,
+                num_warps=t.num_warps)
+    whole_rows = (m_tiles, S, counts.numel())
+    if t.fused:
+        return [Launch(_gated_expand_kernel, whole_rows, args(max_n), dict(meta, GATE=True, EXPAND=True))]
+    split = (m_tiles * triton.cdiv(max_n, t.chunk_n), S, counts.numel())
+    return [Launch(_gated_expand_kernel, whole_rows, args(max_n), dict(meta, GATE=True, EXPAND=False)),
+            Launch(_gated_expand_kernel, split, args(t.chunk_n), dict(meta, GATE=False, EXPAND=True, HAS_COUNTERS=False))]
+
+
+def _shrink(x: Tensor, lora_a: Sequence[Tensor], a_table: Tensor, sorted_idx: Tensor, counts: Tensor,
+            starts: Tensor) -> Tensor:
+    h = torch.zeros((len(lora_a), x.shape[0], lora_a[0].shape[-2]), dtype=torch.float32, device=x.device)
+    if x.shape[0]:
+        shrink_launch(h, x, lora_a, a_table, sorted_idx, counts, starts)()
     return h
 
 
-def _gate(h: Tensor, output: Tensor, lora_b: Sequence[Tensor], grams: Tensor, taus: Tensor, sorted_idx: Tensor,
-          counts: Tensor, starts: Tensor, output_slices: Sequence[int], kept: Tensor | None) -> Tensor:
-    S, T, R = h.shape
-    on = torch.zeros((S, T), dtype=torch.int8, device=h.device)
-    if T == 0:
-        return on
-    block_m = _block_m(T)
-    _gate_kernel[(triton.cdiv(T, block_m), S, counts.numel())](
-        h, output, lora_b[0], _b_table(lora_b, output_slices), grams, taus, on, on if kept is None else kept,
-        sorted_idx, counts, starts, R, h.stride(0), h.stride(1), h.stride(2), output.stride(0), output.stride(1),
-        grams.stride(0), grams.stride(1), grams.stride(2), grams.stride(3), taus.stride(0), taus.stride(1),
-        on.stride(0), on.stride(1),
-        BLOCK_M=block_m, BLOCK_R=_pow2(R), BLOCK_N=min(128, _pow2(max(output_slices))), HAS_KEPT=kept is not None,
-        EPS_SQ=EPS * EPS, TINY=_TINY,
-    )
-    return on
-
-
-def _expand(output: Tensor, h: Tensor, lora_b: Sequence[Tensor], on: Tensor, sorted_idx: Tensor, counts: Tensor,
-            starts: Tensor, output_slices: Sequence[int]) -> None:
-    S, T, R = h.shape
-    if T == 0:
-        return
-    block_m, max_n = _block_m(T), max(output_slices)
-    block_n = min(128, _pow2(max_n))
-    upcast, precision = dot_mode(lora_b[0])
-    grid = (triton.cdiv(T, block_m) * triton.cdiv(max_n, block_n), S, counts.numel())
-    _expand_kernel[grid](
-        h, output, lora_b[0], _b_table(lora_b, output_slices), on, sorted_idx, counts, starts, R, max_n,
-        h.stride(0), h.stride(1), h.stride(2), output.stride(0), output.stride(1), on.stride(0), on.stride(1),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=_pow2(R), UPCAST=upcast, PRECISION=precision,
-    )
+def _gated_expand(output: Tensor, h: Tensor, lora_b: Sequence[Tensor], b_table: Tensor, grams: Tensor, taus: Tensor,
+                  sorted_idx: Tensor, counts: Tensor, starts: Tensor, output_slices: Sequence[int],
+                  counters: Tensor | None, on: Tensor | None) -> None:
+    if h.shape[1]:
+        for launch in gated_expand_launches(output, h, lora_b, b_table, grams, taus, sorted_idx, counts, starts,
+                                            output_slices, counters, on):
+            launch()
 
 
 @torch.library.custom_op("tspeft::lora_shrink", mutates_args=())
-def lora_shrink(x: Tensor, lora_a: list[Tensor], sorted_idx: Tensor, counts: Tensor, starts: Tensor) -> Tensor:
+def lora_shrink(x: Tensor, lora_a: list[Tensor], a_table: Tensor, sorted_idx: Tensor, counts: Tensor,
+                starts: Tensor) -> Tensor:
     """h [S, T, r] fp32 = A_s[slot] x per token (rows of tokens without an adapter: 0)."""
-    _check(lora_a, len(lora_a))
-    return _shrink(x, lora_a, sorted_idx, counts, starts)
+    _require_triton()
+    return _shrink(x, lora_a, a_table, sorted_idx, counts, starts)
 
 
 @lora_shrink.register_fake
-def _(x, lora_a, sorted_idx, counts, starts):
+def _(x, lora_a, a_table, sorted_idx, counts, starts):
     return x.new_empty((len(lora_a), x.shape[0], lora_a[0].shape[-2]), dtype=torch.float32)
 
 
-@torch.library.custom_op("tspeft::lora_gate", mutates_args=("kept",))
-def lora_gate(h: Tensor, output: Tensor, lora_b: list[Tensor], grams: Tensor, taus: Tensor, sorted_idx: Tensor,
-              counts: Tensor, starts: Tensor, output_slices: list[int], kept: Tensor | None = None) -> Tensor:
-    """on [S, T] int8: the gate of each token and slice (0 for tokens without an adapter); adds the
-    kept count of each slot into `kept` [L] int64 when given."""
-    _check(lora_b, len(output_slices))
-    return _gate(h, output, lora_b, grams, taus, sorted_idx, counts, starts, output_slices, kept)
-
-
-@lora_gate.register_fake
-def _(h, output, lora_b, grams, taus, sorted_idx, counts, starts, output_slices, kept=None):
-    return h.new_empty(h.shape[:2], dtype=torch.int8)
-
-
-@torch.library.custom_op("tspeft::gated_expand", mutates_args=("output",))
-def gated_expand(output: Tensor, h: Tensor, lora_b: list[Tensor], on: Tensor, sorted_idx: Tensor, counts: Tensor,
-                 starts: Tensor, output_slices: list[int]) -> None:
-    """output[t, slice s] += B_s[slot] h[s, t] where on[s, t] (in place)."""
-    _check(lora_b, len(output_slices))
-    _expand(output, h, lora_b, on, sorted_idx, counts, starts, output_slices)
+@torch.library.custom_op("tspeft::gated_expand", mutates_args=("output", "counters", "on"))
+def gated_expand(output: Tensor, h: Tensor, lora_b: list[Tensor], b_table: Tensor, grams: Tensor, taus: Tensor,
+                 sorted_idx: Tensor, counts: Tensor, starts: Tensor, output_slices: list[int],
+                 counters: Tensor | None = None, on: Tensor | None = None) -> None:
+    """The gate and the expand fused: output[t, slice s] += B_s[slot] h[s, t] where the gate keeps
+    (token t, slice s), in place. `counters` [2, L] int64, when given, gets each slot's routed and kept
+    (token, slice) updates added; `on` [S, T] int8, when given, gets the decisions of the tokens with
+    an adapter (tests, checks)."""
+    _require_triton()
+    _gated_expand(output, h, lora_b, b_table, grams, taus, sorted_idx, counts, starts, output_slices, counters, on)
 
 
 @gated_expand.register_fake
-def _(output, h, lora_b, on, sorted_idx, counts, starts, output_slices):
+def _(output, h, lora_b, b_table, grams, taus, sorted_idx, counts, starts, output_slices, counters=None, on=None):
     return None
 
 
-@torch.library.custom_op("tspeft::gated_lora", mutates_args=("output", "kept"))
-def _gated_lora_op(output: Tensor, x: Tensor, lora_a: list[Tensor], lora_b: list[Tensor], grams: Tensor,
-                   taus: Tensor, sorted_idx: Tensor, counts: Tensor, starts: Tensor, output_slices: list[int],
-                   kept: Tensor | None = None) -> None:
-    _check([*lora_a, *lora_b], 2 * len(output_slices))
-    h = _shrink(x, lora_a, sorted_idx, counts, starts)
-    on = _gate(h, output, lora_b, grams, taus, sorted_idx, counts, starts, output_slices, kept)
-    _expand(output, h, lora_b, on, sorted_idx, counts, starts, output_slices)
+@torch.library.custom_op("tspeft::gated_lora", mutates_args=("output", "counters"))
+def _gated_lora_op(output: Tensor, x: Tensor, lora_a: list[Tensor], lora_b: list[Tensor], a_table: Tensor,
+                   b_table: Tensor, grams: Tensor, taus: Tensor, sorted_idx: Tensor, counts: Tensor, starts: Tensor,
+                   output_slices: list[int], counters: Tensor | None = None) -> None:
+    _require_triton()
+    h = _shrink(x, lora_a, a_table, sorted_idx, counts, starts)
+    _gated_expand(output, h, lora_b, b_table, grams, taus, sorted_idx, counts, starts, output_slices, counters, None)
 
 
 @_gated_lora_op.register_fake
-def _(output, x, lora_a, lora_b, grams, taus, sorted_idx, counts, starts, output_slices, kept=None):
+def _(output, x, lora_a, lora_b, a_table, b_table, grams, taus, sorted_idx, counts, starts, output_slices,
+      counters=None):
     return None
 
 
-def gated_lora_triton(output: Tensor, x: Tensor, lora_a: Sequence[Tensor], lora_b: Sequence[Tensor], grams: Tensor,
-                      taus: Tensor, slots: Tensor, output_slices: Sequence[int], kept: Tensor | None = None,
-                      segments: tuple[Tensor, Tensor, Tensor] | None = None) -> None:
+def gated_lora_triton(output: Tensor, x: Tensor, weights: LoRAWeights, grams: Tensor, taus: Tensor,
+                      segments: tuple[Tensor, Tensor, Tensor], counters: Tensor | None = None) -> None:
     """Add the gated LoRA delta to `output` [T, sum(output_slices)] in place, on the device.
 
-    The semantics of `tspeft_rt.kernels.gated_lora.gated_lora`, on vLLM's stacked buffers:
-    lora_a[s] [L, 1, r, in], lora_b[s] [L, 1, N_s, r] (scaling folded in), grams [S, L, r, r] fp32,
-    taus [S, L] fp32 (0 = keep all; `packed_gate_views` gives both from a `PackedLoRA`), and
-    per-token `slots` [T] (-1 = no adapter) instead of host-side groups. `kept` ([L] int64), when
-    given, gets the kept (token, slice) updates of each slot added. `segments`:
-    `lora_segments(slots, L)` when the caller computes it once per batch for every layer.
+    The semantics of `tspeft_rt.kernels.gated_lora.gated_lora`, on vLLM's stacked buffers (`weights`),
+    grams [S, L, r, r] fp32 and taus [S, L] fp32 (0 = keep all; `packed_gate_views` gives both from a
+    `PackedLoRA`), and the batch's `segments` (`lora_segments` of the per-token slots, computed once
+    per batch for every layer). `counters` ([2, L] int64), when given, gets each slot's routed and
+    kept (token, slice) updates added.
     """
-    sorted_idx, counts, starts = segments if segments is not None else lora_segments(slots, grams.shape[1])
-    _gated_lora_op(output, x, list(lora_a), list(lora_b), grams, taus, sorted_idx, counts, starts,
-                   list(output_slices), kept)
+    _gated_lora_op(output, x, weights.lora_a, weights.lora_b, weights.a_table, weights.b_table, grams, taus,
+                   *segments, weights.output_slices, counters)
 
 
 def packed_gate_views(gram: Tensor, tau: Tensor) -> tuple[Tensor, Tensor]:

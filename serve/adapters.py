@@ -28,7 +28,12 @@ def gate_taus(adapter: Adapter, weights_mapper=None) -> dict[str, float]:
 
 
 class GatedLoRAModelManager(LRUCacheLoRAModelManager):
-    """Sets each gated layer's thresholds when an adapter takes a slot."""
+    """Sets each gated layer's thresholds when an adapter takes a slot; polls the device telemetry
+    counters once per step (vLLM sets the adapter mapping before every forward)."""
+
+    def set_adapter_mapping(self, mapping) -> None:
+        super().set_adapter_mapping(mapping)
+        TELEMETRY.poll()
 
     def activate_adapter(self, lora_id: int) -> bool:
         placed = super().activate_adapter(lora_id)
@@ -60,19 +65,32 @@ class GatedWorkerLoRAManager(LRUCacheWorkerLoRAManager):
         except AdapterError as e:
             raise ValueError(f"tspeft-rt: adapter {lora_request.lora_name!r} refused: {e}") from None
         lora = super()._load_adapter(lora_request)
-        self._check_all_modules_wrapped(lora_request, lora)
+        self._check_modules_served(lora_request, lora, gated=adapter is not None)
         if adapter is not None:
             mapper = getattr(self._adapter_manager.model, "hf_to_vllm_mapper", None)
             lora.gate_taus = gate_taus(adapter, mapper.get_rename_mapper() if mapper is not None else None)
         TELEMETRY.names[lora_request.lora_int_id] = lora_request.lora_name
         return lora
 
-    def _check_all_modules_wrapped(self, lora_request: LoRARequest, lora) -> None:
-        """vLLM silently ignores weights of modules it did not wrap: refuse such an adapter instead."""
+    def _check_modules_served(self, lora_request: LoRARequest, lora, gated: bool) -> None:
+        """vLLM silently ignores weights of modules it did not wrap, and a layer class the plugin does
+        not gate would serve a gated adapter's module densely: refuse such an adapter instead."""
         manager = self._adapter_manager
-        wrapped = set(manager.modules) | {c for children in manager.packed_modules.values() for c in children}
-        missing = sorted(name for name in lora.loras if name not in wrapped)
+        serving = dict(manager.modules)
+        for parent, children in manager.packed_modules.items():
+            serving.update(dict.fromkeys(children, manager.modules[parent]))
+        name = lora_request.lora_name
+        missing = sorted(m for m in lora.loras if m not in serving)
         if missing:
-            raise ValueError(f"tspeft-rt: adapter {lora_request.lora_name!r} has weights for modules this server "
-                             f"does not adapt: {missing[:4]}{' ...' if len(missing) > 4 else ''}; widen "
-                             "--lora-target-modules to include them")
+            raise ValueError(f"tspeft-rt: adapter {name!r} has weights for modules this server does not adapt: "
+                             f"{_few(missing)}; widen --lora-target-modules to include them")
+        dense = gated and sorted(f"{m} ({type(serving[m]).__name__})" for m in lora.loras
+                                 if not isinstance(serving[m], GatedLoRALayer))
+        if dense:
+            raise ValueError(f"tspeft-rt: adapter {name!r} is token-gated, but these modules would be served by "
+                             f"LoRA layers without a gate: {_few(dense)}; serve it without --fully-sharded-loras "
+                             "and with a supported layer type, or export it without its gates to serve plain LoRA")
+
+
+def _few(names: list[str]) -> str:
+    return f"{names[:4]}{' ...' if len(names) > 4 else ''}"

@@ -8,6 +8,8 @@ it must list `tspeft_rt`. `register()` is idempotent and changes, by name:
   subclasses (`tspeft_rt.serve.layers`), in place so vLLM's matching order is kept;
 - `vllm.v1.worker.lora_model_runner_mixin.LRUCacheWorkerLoRAManager`: the worker's LoRA manager
   becomes one that reads gate files with tspeft-rt's loader (`tspeft_rt.serve.adapters`);
+- `vllm.lora.model_manager.get_punica_wrapper`: the platform's punica wrapper also keeps the gated
+  layers' per-batch slot metadata (`tspeft_rt.serve.punica`);
 - vLLM < 0.33 on CPU: its torch LoRA ops index the weights with slot -1 for tokens without an
   adapter, i.e. apply the last slot's adapter to them; they are wrapped to zero those rows;
 - the API server: `/v1/load_lora_adapter` validates a gated directory before the engine sees it
@@ -40,22 +42,25 @@ def register() -> None:
     if _registered:
         return
     import vllm
+    import vllm.lora.model_manager as model_manager
     import vllm.lora.utils as lora_utils
     import vllm.v1.worker.lora_model_runner_mixin as runner_mixin
     from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
 
     check_version(vllm.__version__)
     for owner, name in ((lora_utils, "_all_lora_classes"), (runner_mixin, "LRUCacheWorkerLoRAManager"),
-                        (BaseLinearLayerWithLoRA, "_apply_lora_to_output")):
+                        (model_manager, "get_punica_wrapper"), (BaseLinearLayerWithLoRA, "_apply_lora_to_output")):
         if not hasattr(owner, name):
             raise PluginError(f"tspeft-rt: vLLM {vllm.__version__} has no {owner.__name__}.{name}; "
                               "the serving plugin needs a vLLM version it was tested with")
 
     from tspeft_rt.serve.adapters import GatedWorkerLoRAManager
     from tspeft_rt.serve.layers import GATED_CLASSES
+    from tspeft_rt.serve.punica import get_gated_punica_wrapper
 
     lora_utils._all_lora_classes = tuple(GATED_CLASSES.get(c, c) for c in lora_utils._all_lora_classes)
     runner_mixin.LRUCacheWorkerLoRAManager = GatedWorkerLoRAManager
+    model_manager.get_punica_wrapper = get_gated_punica_wrapper
     if vllm_version(vllm.__version__) < (0, 33):
         _mask_unmapped_tokens_in_cpu_ops()
     _validate_adapters_on_load()

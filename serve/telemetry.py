@@ -1,10 +1,14 @@
 """Gate telemetry: the fraction of token updates skipped per adapter while serving.
 
-The gated layers count, per adapter slot, the (token, module) updates they saw and kept. The worker
-folds slot counts into per-adapter totals whenever a slot changes hands, and a daemon thread writes
-the totals to a JSON file (`$TSPEFT_RT_GATE_STATS`) and logs a line per adapter every
-`$TSPEFT_RT_GATE_LOG_INTERVAL` seconds (default 30) while they change. In the API server process the
-plugin exports that file on vLLM's `/metrics` endpoint:
+The gated layers count, per adapter slot, the (token, module) updates routed to the slot and those
+the gate kept. The counts only ever grow and only the forward adds to them: on the host (CPU path) or
+in a [2, L] int64 tensor on the device that the Triton kernels add to (CUDA path). Between forwards
+the worker's main thread copies the device counters to pinned host memory (`poll`, once per step,
+asynchronously); nothing else touches the device. When a slot changes hands (`bind`), its counts so
+far are attributed to the adapter that held it. A daemon thread reads (never writes) the counts,
+writes per-adapter totals to a JSON file (`$TSPEFT_RT_GATE_STATS`) and logs a line per adapter
+every `$TSPEFT_RT_GATE_LOG_INTERVAL` seconds (default 30) while they change. In the API server
+process the plugin exports that file on vLLM's `/metrics` endpoint:
 
     tspeft_gate_token_updates_total{adapter="..."}          (token, module) updates routed to the adapter
     tspeft_gate_token_updates_skipped_total{adapter="..."}  of which the gate skipped
@@ -31,66 +35,93 @@ log = logging.getLogger("vllm.tspeft_rt")  # under vLLM's logger, so its handler
 
 
 class GateTelemetry:
-    """Per-slot counters (written by the layers) and per-adapter totals (read by operators)."""
+    """Per-slot counters (incremented by the layers) and per-adapter totals (read by operators)."""
 
     def __init__(self) -> None:
-        self.updates: list[int] = []
+        self.routed: list[int] = []  # per slot, since start: the CPU path adds
         self.kept: list[int] = []
+        self.device_counters: torch.Tensor | None = None  # [2, L] int64 (routed, kept): the kernels add
+        self._pinned: torch.Tensor | None = None
+        self._copied: torch.cuda.Event | None = None
+        self._device_seen: list[list[int]] | None = None  # the last complete host copy of device_counters
         self.slot_adapter: list[int | None] = []
+        self._baseline: list[tuple[int, int]] = []  # each slot's counts when its adapter took it
         self.names: dict[int, str] = {}
-        self.totals: dict[int, list[int]] = {}
-        self.device_counters: list[tuple] = []  # (updates [L], kept [L]) int64 CUDA tensors of the layers
+        self.totals: dict[int, list[int]] = {}  # adapter id -> [routed, kept] of its closed tenures
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
-    def ensure_slots(self, n: int) -> None:
-        while len(self.updates) < n:
-            self.updates.append(0)
+    def ensure_slots(self, n: int, device: torch.device | str | None = None) -> None:
+        """Room for n slots; `device`: the layers count on that device (Triton path)."""
+        while len(self.routed) < n:
+            self.routed.append(0)
             self.kept.append(0)
             self.slot_adapter.append(None)
+            self._baseline.append((0, 0))
+        if device is not None and self.device_counters is None:
+            self.device_counters = torch.zeros(2, len(self.routed), dtype=torch.int64, device=device)
+            self._device_seen = [[0] * len(self.routed), [0] * len(self.routed)]
 
-    def record(self, slot: int, updates: int, kept: int) -> None:
-        self.updates[slot] += updates
+    def record(self, slot: int, routed: int, kept: int) -> None:
+        self.routed[slot] += routed
         self.kept[slot] += kept
 
+    def poll(self) -> None:
+        """Between forwards, on the thread that runs them: take the last finished device-to-host copy
+        of the device counters and start the next one (no synchronisation)."""
+        if self.device_counters is None or self.device_counters.device.type != "cuda":
+            return
+        if self._pinned is None:
+            self._pinned = torch.empty_like(self.device_counters, device="cpu").pin_memory()
+        elif self._copied is not None and self._copied.query():
+            self._device_seen = self._pinned.tolist()
+        self._pinned.copy_(self.device_counters, non_blocking=True)
+        self._copied = torch.cuda.Event()
+        self._copied.record()
+
+    def _counts(self, slot: int, seen: list[list[int]] | None) -> tuple[int, int]:
+        routed, kept = self.routed[slot], self.kept[slot]
+        if seen is not None:
+            routed, kept = routed + seen[0][slot], kept + seen[1][slot]
+        return routed, kept
+
     def bind(self, slot: int, adapter_id: int | None) -> None:
-        """Attribute the slot's counts so far to its previous adapter; `adapter_id` holds it from now."""
+        """Attribute the slot's counts so far to its previous adapter; `adapter_id` holds it from now.
+        Runs between forwards (an adapter taking a slot): reads the device counters synchronously."""
         with self._lock:
-            self._collect_device_counters()
-            self._flush(slot)
-            self.slot_adapter[slot] = adapter_id
+            if self.device_counters is not None:
+                self._device_seen = self.device_counters.tolist()
+                self._copied = None  # the copy in flight is older than this: never read it
+            now = self._counts(slot, self._device_seen)
+            self._close(slot, now)
+            self.slot_adapter[slot], self._baseline[slot] = adapter_id, now
         self._start_reporter()
 
-    def _flush(self, slot: int) -> None:
-        owner = self.slot_adapter[slot]
-        if owner is not None and self.updates[slot]:
+    def _close(self, slot: int, now: tuple[int, int]) -> None:
+        owner, (routed0, kept0) = self.slot_adapter[slot], self._baseline[slot]
+        if owner is not None and now[0] > routed0:
             total = self.totals.setdefault(owner, [0, 0])
-            total[0] += self.updates[slot]
-            total[1] += self.kept[slot]
-        self.updates[slot] = self.kept[slot] = 0
+            total[0] += now[0] - routed0
+            total[1] += now[1] - kept0
 
     def snapshot(self) -> dict[str, dict[str, float]]:
-        """{adapter name: {updates, skipped, skip_rate}} over every token served so far."""
+        """{adapter name: {updates, skipped, skip_rate}} over every token served so far (reads only)."""
         with self._lock:
-            self._collect_device_counters()
-            for slot in range(len(self.updates)):
-                self._flush(slot)
-            out = {}
-            for adapter_id, (updates, kept) in self.totals.items():
-                if adapter_id in self.names and updates:
-                    out[self.names[adapter_id]] = {"updates": updates, "skipped": updates - kept,
-                                                   "skip_rate": (updates - kept) / updates}
-            return out
-
-    def _collect_device_counters(self) -> None:
-        """Move the CUDA layers' counts to the host (one sync per report, never in the forward)."""
-        for updates, kept in self.device_counters:
-            u, k = updates.tolist(), kept.tolist()
-            updates.sub_(torch.tensor(u, device=updates.device))  # the forward may add meanwhile
-            kept.sub_(torch.tensor(k, device=kept.device))
-            for slot, (du, dk) in enumerate(zip(u, k)):
-                self.record(slot, du, dk)
+            totals = {adapter: list(t) for adapter, t in self.totals.items()}
+            seen = self._device_seen
+            for slot, owner in enumerate(self.slot_adapter):
+                if owner is not None:
+                    (routed, kept), (routed0, kept0) = self._counts(slot, seen), self._baseline[slot]
+                    total = totals.setdefault(owner, [0, 0])
+                    total[0] += routed - routed0
+                    total[1] += kept - kept0
+        out = {}
+        for adapter_id, (routed, kept) in totals.items():
+            if adapter_id in self.names and routed > 0:
+                out[self.names[adapter_id]] = {"updates": routed, "skipped": routed - kept,
+                                               "skip_rate": (routed - kept) / routed}
+        return out
 
     def _start_reporter(self) -> None:
         if self._thread is None and os.environ.get(STATS_ENV):

@@ -10,10 +10,11 @@ stay exact because tau sits in a wide gap between the tokens' ratios.)
 - Serving, against `gated_lora` (group_by_slot): S = 1, 2, 3 slices of unequal widths, ranks 8/16/64,
   fp32, fp16 and bf16, all on (tau = 0), all off (huge tau), mixed gates (tau in a wide gap between
   two tokens' ratios, so rounding cannot flip a token), slots without tokens, tokens without an
-  adapter, decode-sized batches (split-K shrink), strided inputs. The shrink's h and the gate's `on`
-  must equal the reference exactly as sets; the output lives in a NaN-filled larger buffer that must
-  stay NaN around it; off (token, slice) pairs must keep the base bit for bit, on pairs match the
-  reference delta; `kept` gets the reference counts added.
+  adapter, decode-sized batches (split-K shrink, columns split over programs), strided inputs. The
+  shrink's h and the fused gate's `on` must equal the reference exactly as sets; the output lives in
+  a NaN-filled larger buffer that must stay NaN around it; off (token, slice) pairs must keep the
+  base bit for bit, on pairs match the reference delta; the counters get the reference's routed and
+  kept counts added.
 - The comparison catches a wrong slot, a missed row and a flipped gate (mutants must fail it).
 - Gate edge cases: zero deltas (on only at tau = 0), zero base rows (the EPS floor).
 - The custom ops are opaque to Dynamo (fullgraph compile), with working fake implementations.
@@ -44,7 +45,7 @@ pytest.importorskip("triton")
 from tspeft_rt.gate import gate_keep, row_sq_norm  # noqa: E402
 from tspeft_rt.kernels import triton_gated_lora as tg  # noqa: E402
 from tspeft_rt.kernels import triton_train as tt  # noqa: E402
-from tspeft_rt.kernels.gated_lora import PackedLoRA, gated_lora, gram, group_by_slot  # noqa: E402
+from tspeft_rt.kernels.gated_lora import PackedLoRA, gated_lora, gram, group_by_slot, lora_segments  # noqa: E402
 from tspeft_rt.layers import _GatedLoraFn  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,6 +109,7 @@ class Case:
         self.A = [(torch.randn(L, 1, rank, K, device=device) / K**0.5).to(dtype) for _ in slices]
         self.B = [(torch.randn(L, 1, n, rank, device=device) / rank**0.5).to(dtype) for n in slices]
         self.G = torch.stack([gram(b[:, 0]) for b in self.B])
+        self.weights = tg.LoRAWeights.from_buffers(self.A, self.B, slices)
         # rows of very different norms: the ratios spread out, and the gaps between them are wide
         self.base = (torch.randn(T, self.off[-1], device=device) * torch.randn(T, 1, device=device).exp()).to(dtype)
         self.slots = torch.randint(-1, L, (T,), device=device)
@@ -155,18 +157,22 @@ class Case:
         return packed
 
     def reference(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(output of `gated_lora`, on [S, T] from the gate math, kept [L] of `gated_lora`)."""
+        """(output of `gated_lora`, on [S, T] from the gate math, counters [2, L] (routed, kept) of
+        `gated_lora`)."""
         out = self.base.clone()
         groups = group_by_slot(self.slots)
         kept_list = gated_lora(out, self.x, self.packed(), groups)
-        kept = torch.zeros(self.L, dtype=torch.int64)
+        counters = torch.zeros(2, self.L, dtype=torch.int64)
         for group, k in zip(groups, kept_list):
-            kept[group.slot] = k
+            counters[:, group.slot] = torch.tensor([group.count * len(self.slices), k])
         on = self.on_ref()
-        assert kept.tolist() == [int(on[:, self.slots == slot].sum()) for slot in range(self.L)]
-        return out, on, kept
+        assert counters[1].tolist() == [int(on[:, self.slots == slot].sum()) for slot in range(self.L)]
+        return out, on, counters
 
-    def run(self, slots: torch.Tensor | None = None, kept: torch.Tensor | None = None,
+    def shrink(self) -> torch.Tensor:
+        return tg.lora_shrink(self.x, self.A, self.weights.a_table, *lora_segments(self.slots, self.L))
+
+    def run(self, slots: torch.Tensor | None = None, counters: torch.Tensor | None = None,
             grams: torch.Tensor | None = None, taus: torch.Tensor | None = None):
         """gated_lora_triton on a poisoned buffer: (output view, the whole buffer)."""
         T, N = self.base.shape
@@ -175,8 +181,15 @@ class Case:
         out.copy_(self.base)
         slots = self.slots if slots is None else slots
         grams, taus = (self.G, self.taus) if grams is None else (grams, taus)
-        tg.gated_lora_triton(out, self.x, self.A, self.B, grams, taus, slots, self.slices, kept)
+        tg.gated_lora_triton(out, self.x, self.weights, grams, taus, lora_segments(slots, self.L), counters)
         return out, buf
+
+    def gate(self, h: torch.Tensor) -> torch.Tensor:
+        """on [S, T] int8 of the fused gate (written for tokens with an adapter; 0 elsewhere)."""
+        on = torch.zeros(len(self.slices), self.x.shape[0], dtype=torch.int8, device=self.x.device)
+        tg.gated_expand(self.base.clone(), h, self.B, self.weights.b_table, self.G, self.taus,
+                        *lora_segments(self.slots, self.L), self.slices, on=on)
+        return on
 
 
 def assert_matches(out: torch.Tensor, ref: torch.Tensor, base: torch.Tensor, on: torch.Tensor, off: list[int],
@@ -200,7 +213,7 @@ def assert_pad_untouched(buf: torch.Tensor) -> None:
 
 def test_lora_segments():
     slots = torch.tensor([2, -1, 0, 2, 0, -1, 2, 1], device=DEVICE)
-    sorted_idx, counts, starts = tg.lora_segments(slots, 4)
+    sorted_idx, counts, starts = lora_segments(slots, 4)
     assert sorted_idx.dtype == counts.dtype == starts.dtype == torch.int32
     assert counts.tolist() == [2, 1, 3, 0]
     for slot in range(4):
@@ -221,36 +234,39 @@ SERVING = [  # name, slice widths, rank, dtype, gate mode, T, L, K
     ("s2-r8-f32-off", [32, 16], 8, torch.float32, "off", 24, 3, 64),
     ("s2-r16-f32-decode-splitk", [32, 16], 16, torch.float32, "mixed", 4, 3, 256),
     ("s1-r8-bf16-one-token", [40], 8, torch.bfloat16, "on", 1, 2, 64),
+    ("s2-r8-f16-decode-column-chunks", [300, 136], 8, torch.float16, "mixed", 10, 2, 64),
+    ("s1-r16-f32-prefill-column-chunks", [200], 16, torch.float32, "mixed", 40, 2, 64),
 ]
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "gate-then-split-expand"])
 @pytest.mark.parametrize("name,slices,rank,dtype,mode,T,L,K", SERVING, ids=[c[0] for c in SERVING])
-def test_serving_matches_pytorch(name, slices, rank, dtype, mode, T, L, K):
+def test_serving_matches_pytorch(monkeypatch, name, slices, rank, dtype, mode, T, L, K, fused):
+    """Both launch plans of the gated expand (the shape picks one; here both are forced)."""
+    monkeypatch.setattr(tg, "FUSE_MIN_TILES", 1 if fused else 1 << 30)
     case = Case(name, slices, rank, dtype, mode, T, L, K)
-    ref, on_ref, kept_ref = case.reference()
+    ref, on_ref, counters_ref = case.reference()
     if mode == "mixed":
         assert on_ref.any() and not on_ref[:, case.slots >= 0].all()
     # the pieces: h and on exactly as the reference (as sets of rows)
-    segments = tg.lora_segments(case.slots, L)
-    h = tg.lora_shrink(case.x, case.A, *segments)
+    h = case.shrink()
     torch.testing.assert_close(h.to(dtype).float(), case.h_ref, **TOL[dtype])
     assert torch.equal(h[:, case.slots < 0], torch.zeros_like(h[:, case.slots < 0]))
-    on = tg.lora_gate(h, case.base, case.B, case.G, case.taus, *segments, slices)
-    assert on.dtype == torch.int8 and torch.equal(on.bool(), on_ref)
-    # the whole op, into a poisoned buffer; kept adds to what is there
-    kept = torch.full((L,), 5, dtype=torch.int64, device=DEVICE)
-    out, buf = case.run(kept=kept)
+    assert torch.equal(case.gate(h).bool(), on_ref)
+    # the whole op, into a poisoned buffer; the counters add to what is there
+    counters = torch.full((2, L), 5, dtype=torch.int64, device=DEVICE)
+    out, buf = case.run(counters=counters)
     assert_pad_untouched(buf)
     assert_matches(out, ref, case.base, on_ref, case.off)
-    assert kept.tolist() == (kept_ref + 5).tolist()
+    assert counters.tolist() == (counters_ref + 5).tolist()
 
 
 def test_tokens_without_adapter_get_nothing():
     case = Case("no-adapter", [24, 8], 8, torch.float32, "on")
     slots = torch.full_like(case.slots, -1)
-    kept = torch.zeros(case.L, dtype=torch.int64, device=DEVICE)
-    out, buf = case.run(slots=slots, kept=kept)
-    assert torch.equal(out, case.base) and kept.tolist() == [0] * case.L
+    counters = torch.zeros(2, case.L, dtype=torch.int64, device=DEVICE)
+    out, buf = case.run(slots=slots, counters=counters)
+    assert torch.equal(out, case.base) and counters.tolist() == [[0] * case.L] * 2
     assert_pad_untouched(buf)
 
 
@@ -270,18 +286,16 @@ def test_comparison_catches_wrong_slot_missed_row_and_flipped_gate():
     dropped[a] = -1
     with pytest.raises(AssertionError):
         assert_matches(case.run(slots=dropped)[0], ref, case.base, on_ref, case.off)
-    # a flipped gate, each way: the expand run with a mask that differs in one (token, slice)
-    segments = tg.lora_segments(case.slots, case.L)
-    h = tg.lora_shrink(case.x, case.A, *segments)
-    on = tg.lora_gate(h, case.base, case.B, case.G, case.taus, *segments, case.slices)
-    for value in (0, 1):
-        s, t = [int(i) for i in ((on == 1 - value) & (case.slots >= 0)).nonzero()[0]]
-        flipped = on.clone()
-        flipped[s, t] = value
-        out = case.base.clone()
-        tg.gated_expand(out, h, case.B, flipped, *segments, case.slices)
+    # a flipped gate, each way: one (token, slice) of the kernel's output with the other decision
+    h = case.shrink()
+    for value in (False, True):
+        s, t = [int(i) for i in ((on_ref == (not value)) & (case.slots >= 0)).nonzero()[0]]
+        cols = slice(case.off[s], case.off[s + 1])
+        flipped = out.clone()
+        delta = h[s, t].to(case.dtype) @ case.B[s][int(case.slots[t]), 0].T
+        flipped[t, cols] = case.base[t, cols] + (delta if value else 0)
         with pytest.raises(AssertionError):
-            assert_matches(out, ref, case.base, on_ref, case.off)
+            assert_matches(flipped, ref, case.base, on_ref, case.off)
 
 
 @pytest.mark.parametrize("tau", [0.0, 1e-3, 0.5])
@@ -292,10 +306,7 @@ def test_gate_edge_cases_zero_delta_and_zero_base(tau):
     case.base[4:8] = 0  # ||base|| = 0: the EPS floor decides
     case.taus.fill_(tau)
     ref, on_ref, _ = case.reference()
-    segments = tg.lora_segments(case.slots, case.L)
-    h = tg.lora_shrink(case.x, case.A, *segments)
-    on = tg.lora_gate(h, case.base, case.B, case.G, case.taus, *segments, case.slices)
-    assert torch.equal(on.bool(), on_ref)
+    assert torch.equal(case.gate(case.shrink()).bool(), on_ref)
     assert on_ref[:, :4].all() == (tau == 0) and on_ref[:, 4:8].all()
     out, _ = case.run()
     assert_matches(out, ref, case.base, on_ref, case.off)
@@ -303,30 +314,39 @@ def test_gate_edge_cases_zero_delta_and_zero_base(tau):
 
 def test_custom_ops_are_opaque_to_dynamo():
     case = Case("dynamo", [24, 8, 16], 8, torch.float32, "mixed")
-    ref, on_ref, kept_ref = case.reference()
+    ref, on_ref, counters_ref = case.reference()
+    segments = lora_segments(case.slots, case.L)
 
-    def step(out, x, kept):
-        tg.gated_lora_triton(out, x, case.A, case.B, case.G, case.taus, case.slots, case.slices, kept)
+    def step(out, x, counters):
+        tg.gated_lora_triton(out, x, case.weights, case.G, case.taus, segments, counters)
         return out
 
-    out, kept = case.base.clone(), torch.zeros(case.L, dtype=torch.int64, device=DEVICE)
-    torch.compile(step, backend="eager", fullgraph=True)(out, case.x, kept)
+    out, counters = case.base.clone(), torch.zeros(2, case.L, dtype=torch.int64, device=DEVICE)
+    torch.compile(step, backend="eager", fullgraph=True)(out, case.x, counters)
     assert_matches(out, ref, case.base, on_ref, case.off)
-    assert kept.tolist() == kept_ref.tolist()
+    assert counters.tolist() == counters_ref.tolist()
     assert hasattr(torch.ops.tspeft, "gated_lora") and hasattr(torch.ops.tspeft, "gated_expand")
 
 
 def test_packed_gate_views_drive_the_kernels():
     case = Case("packed-views", [24, 8, 16], 16, torch.bfloat16, "mixed")
-    ref, on_ref, kept_ref = case.reference()
+    ref, on_ref, counters_ref = case.reference()
     packed = case.packed()
     grams, taus = tg.packed_gate_views(packed.gram, packed.tau)
     assert torch.equal(grams, case.G) and torch.equal(taus, case.taus)
     assert grams.data_ptr() == packed.gram.data_ptr()  # views, no copies
-    kept = torch.zeros(case.L, dtype=torch.int64, device=DEVICE)
-    out, _ = case.run(kept=kept, grams=grams, taus=taus)
+    counters = torch.zeros(2, case.L, dtype=torch.int64, device=DEVICE)
+    out, _ = case.run(counters=counters, grams=grams, taus=taus)
     assert_matches(out, ref, case.base, on_ref, case.off)
-    assert kept.tolist() == kept_ref.tolist()
+    assert counters.tolist() == counters_ref.tolist()
+
+
+def test_weight_tables_check_their_buffers():
+    case = Case("tables", [24, 8], 8, torch.float32, "on")
+    with pytest.raises(ValueError, match="2 A and 1 B buffers for 2 slices"):
+        tg.LoRAWeights.from_buffers(case.A, case.B[:1], case.slices)
+    with pytest.raises(ValueError, match="share one dtype"):
+        tg.LoRAWeights.from_buffers(case.A, [case.B[0], case.B[1].half()], case.slices)
 
 
 # --------------------------------------------------------------------------- training
@@ -425,13 +445,14 @@ def test_gpu_serving_larger_shapes(T, rank, dtype):
             rows = case.slots == slot
             if rows.any():
                 case.taus[s, slot] = float(q[s][rows].median().sqrt())
-    ref, on_ref, kept_ref = case.reference()
+    ref, on_ref, counters_ref = case.reference()
     skip = near_threshold(q, case.taus, case.slots)
-    kept = torch.zeros(4, dtype=torch.int64, device="cuda")
-    out, buf = case.run(kept=kept)
+    counters = torch.zeros(2, 4, dtype=torch.int64, device="cuda")
+    out, buf = case.run(counters=counters)
     assert_pad_untouched(buf)
     assert_matches(out, ref, case.base, on_ref, case.off, skip=skip)
-    assert (kept.cpu() - kept_ref).abs().sum() <= int(skip.sum())
+    assert counters[0].tolist() == counters_ref[0].tolist()
+    assert (counters[1].cpu() - counters_ref[1]).abs().sum() <= int(skip.sum())
 
 
 @gpu_only

@@ -22,7 +22,6 @@ from vllm.lora.layers import (  # noqa: E402
     ReplicatedLinearWithLoRA,
     RowParallelLinearWithLoRA,
 )
-from vllm.lora.punica_wrapper import get_punica_wrapper  # noqa: E402
 from vllm.model_executor.layers.linear import (  # noqa: E402
     ColumnParallelLinear,
     MergedColumnParallelLinear,
@@ -33,6 +32,9 @@ from vllm.model_executor.layers.linear import (  # noqa: E402
 
 from tspeft_rt.gate import gate_keep, row_sq_norm  # noqa: E402
 from tspeft_rt.serve.layers import GATED_CLASSES  # noqa: E402
+from tspeft_rt.serve.punica import get_gated_punica_wrapper  # noqa: E402
+from tspeft_rt.serve.state import GatedSlots  # noqa: E402
+from tspeft_rt.serve.telemetry import TELEMETRY  # noqa: E402
 
 MAX_LORAS, MAX_RANK, IN = 3, 8, 64
 RANKS = {1: 8, 2: 4}  # adapter id -> rank (4 is zero-padded to the max rank in the slot buffers)
@@ -74,7 +76,7 @@ LAYERS = {
 class Case:
     """One wrapped layer with adapters in slots 0 and 2, and its per-token reference."""
 
-    def __init__(self, kind: str, seed: int, gated: bool = True) -> None:
+    def __init__(self, kind: str, seed: int, gated: bool = True, use_triton: bool = False) -> None:
         torch.manual_seed(seed)
         make_base, stock_cls = LAYERS[kind]
         self.base = make_base()
@@ -85,7 +87,11 @@ class Case:
         self.config = LoRAConfig(max_loras=MAX_LORAS, max_lora_rank=MAX_RANK, lora_dtype=torch.float32)
         self.layer = cls(self.base)
         self.layer.create_lora_weights(MAX_LORAS, self.config)
-        self.punica = get_punica_wrapper(256, max_batches=256, device="cpu", lora_config=self.config)
+        if use_triton:  # the CUDA path, on CPU tensors under Triton's interpreter
+            self.layer.gated = GatedSlots(self.layer.lora_a_stacked, self.layer.lora_b_stacked,
+                                          self.layer.output_slices, use_triton=True)
+            TELEMETRY.ensure_slots(MAX_LORAS, "cpu")
+        self.punica = get_gated_punica_wrapper(256, max_batches=256, device="cpu", lora_config=self.config)
         self.layer.set_mapping(self.punica)
         self.in_features = self.base.input_size
         slices = self.layer.output_slices
@@ -101,6 +107,8 @@ class Case:
             self.layer.set_lora(slot, a if len(slices) > 1 else a[0], b if len(slices) > 1 else b[0])
 
     def run(self, adapter_ids: list[int], x: torch.Tensor) -> torch.Tensor:
+        """vLLM's metadata update for the mapping, then the layer's forward on x (rows of x past the
+        mapping: CUDA-graph padding)."""
         mapping = LoRAMapping(tuple(adapter_ids), tuple(adapter_ids), is_prefill=True)
         self.punica.update_metadata(mapping, LORA_INDEX_TO_ID, MAX_LORAS, 1000)
         out = self.layer(x)
@@ -227,7 +235,7 @@ def test_reset_lora_restores_base_and_clears_gate():
     case.layer.set_gate(0, [0.1, 0.2])
     for slot in range(MAX_LORAS):
         case.layer.reset_lora(slot)
-    assert not any(case.layer.packed.gated)
+    assert not any(case.layer.gated.packed.gated)
     torch.testing.assert_close(case.run(MIXED, x), case.base_output(x), rtol=0, atol=0)
 
 
@@ -243,9 +251,63 @@ def test_set_gate_checks_slice_count():
         case.layer.set_gate(0, [0.1, 0.2])
 
 
-def test_fully_sharded_loras_are_refused():
-    base = ColumnParallelLinear(IN, 48, bias=False, params_dtype=torch.float32)
-    layer = GATED_CLASSES[ColumnParallelLinearWithLoRA](base)
-    config = LoRAConfig(max_loras=2, max_lora_rank=8, lora_dtype=torch.float32, fully_sharded_loras=True)
-    with pytest.raises(ValueError, match="fully-sharded"):
-        layer.create_lora_weights(2, config)
+@pytest.mark.parametrize("use_triton", [False, True], ids=["cpu-path", "triton-path"])
+def test_metadata_sequence_adapter_base_only_padded(use_triton):
+    """vLLM's own metadata code through an adapter batch, a base-only batch and a padded batch (more
+    rows than mapped tokens, as CUDA graphs run): base-only and padding rows keep the base bit for bit.
+    The Triton path once read vLLM's CUDA kernel metadata, which a base-only batch leaves stale."""
+    case = Case("merged_qkv", seed=10, use_triton=use_triton)
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(len(MIXED), case.in_features, generator=gen)
+    all_adapter = [a or 1 for a in MIXED]
+    torch.testing.assert_close(case.run(all_adapter, x), case.reference(all_adapter, x, {}), rtol=1e-5, atol=1e-5)
+    base_only = [0] * len(MIXED)
+    assert torch.equal(case.run(base_only, x), case.base_output(x)), "a base-only batch got a delta"
+    mapped = MIXED[:9]
+    out, base = case.run(mapped, x), case.base_output(x)
+    torch.testing.assert_close(out[:9], case.reference(mapped, x[:9], {}), rtol=1e-5, atol=1e-5)
+    assert torch.equal(out[9:], base[9:]), "a padding row got a delta"
+    assert torch.equal(case.run(base_only[:3], x), base), "a padded base-only batch got a delta"
+
+
+def test_triton_path_traces_whole_with_torch_compile():
+    """The layer's device path under torch.compile(fullgraph=True), as vLLM compiles models on GPUs:
+    no graph break (the kernels are opaque custom ops), the same output as eager, and a later batch's
+    metadata reaches the compiled code (it reads the batch's buffers, not values frozen at trace)."""
+    case = Case("merged_qkv", seed=12, use_triton=True)
+    x = torch.randn(len(MIXED), case.in_features, generator=torch.Generator().manual_seed(13))
+    case.layer.set_gate(0, [0.0, 1e6, split_tau(case.ratios(MIXED, x, 1, 2), 0.5)])
+    base = case.base_output(x)
+    compiled = torch.compile(lambda x, out: case.layer._apply_lora_to_output(x, out), backend="aot_eager",
+                             fullgraph=True)
+    for ids in (MIXED, [0] * len(MIXED), [2] * len(MIXED)):
+        eager = case.run(ids, x)
+        assert torch.equal(compiled(x, base.clone()), eager), ids
+
+
+def test_fully_sharded_loras_serve_gated_adapters_never_densely():
+    """With --fully-sharded-loras vLLM picks its sharded LoRA classes (not gated) for qkv: a gated
+    adapter is refused at load, naming the module and class; plain LoRA is served as vLLM would."""
+    from types import SimpleNamespace
+
+    from vllm.lora.utils import from_layer
+
+    from tspeft_rt.serve import plugin
+    from tspeft_rt.serve.adapters import GatedWorkerLoRAManager
+
+    plugin.register()
+    qkv = "model.layers.0.self_attn.qkv_proj"
+    children = [f"model.layers.0.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj")]
+    adapter = SimpleNamespace(loras=dict.fromkeys(children[::2]))  # q and v
+    request = SimpleNamespace(lora_name="gated")
+    for sharded in (False, True):
+        config = LoRAConfig(max_loras=2, max_lora_rank=8, lora_dtype=torch.float32, fully_sharded_loras=sharded)
+        layer = from_layer(QKVParallelLinear(IN, 16, 4, 2, bias=False, params_dtype=torch.float32), 2, config,
+                           ["q_proj", "k_proj", "v_proj"])
+        worker = SimpleNamespace(_adapter_manager=SimpleNamespace(modules={qkv: layer}, packed_modules={qkv: children}))
+        GatedWorkerLoRAManager._check_modules_served(worker, request, adapter, gated=False)
+        if not sharded:
+            GatedWorkerLoRAManager._check_modules_served(worker, request, adapter, gated=True)
+            continue
+        with pytest.raises(ValueError, match=rf"q_proj \({type(layer).__name__}\).*fully-sharded"):
+            GatedWorkerLoRAManager._check_modules_served(worker, request, adapter, gated=True)

@@ -12,6 +12,7 @@ import torch
 
 pytest.importorskip("vllm")
 
+import vllm.lora.model_manager as model_manager  # noqa: E402
 import vllm.lora.ops.torch_ops.lora_ops as lora_ops  # noqa: E402
 import vllm.lora.utils as lora_utils  # noqa: E402
 import vllm.v1.worker.lora_model_runner_mixin as runner_mixin  # noqa: E402
@@ -29,6 +30,7 @@ def test_entry_point_is_declared():
 def test_register_swaps_classes_in_place_and_is_idempotent():
     from tspeft_rt.serve.adapters import GatedWorkerLoRAManager
     from tspeft_rt.serve.layers import GATED_CLASSES
+    from tspeft_rt.serve.punica import get_gated_punica_wrapper
 
     plugin.register()
     once = lora_utils._all_lora_classes
@@ -38,6 +40,7 @@ def test_register_swaps_classes_in_place_and_is_idempotent():
     assert not set(GATED_CLASSES) & set(once), "a dense linear LoRA class was left in vLLM's list"
     assert gated <= set(once)
     assert runner_mixin.LRUCacheWorkerLoRAManager is GatedWorkerLoRAManager
+    assert model_manager.get_punica_wrapper is get_gated_punica_wrapper
 
 
 @pytest.mark.parametrize("version", ["0.31.2", "0.34.0", "1.0.0", "dev"])
@@ -83,6 +86,26 @@ def test_telemetry_attributes_slot_counts_to_adapters(tmp_path):
     write_stats(tmp_path / "s.json", t.snapshot())
     assert read_stats(tmp_path / "s.json")["ts"]["skipped"] == 60
     assert read_stats(tmp_path / "missing.json") == {}
+
+
+def test_telemetry_reads_device_counters_and_never_writes_them():
+    """The Triton path counts in a device tensor (a CPU one here): a slot's counts are attributed when
+    it changes hands, the reporter's snapshot only reads, and a padded or base-only batch adds nothing."""
+    t = GateTelemetry()
+    t.ensure_slots(2, "cpu")
+    t.names.update({1: "ts"})
+    t.bind(0, 1)
+    t.device_counters[:, 0] += torch.tensor([50, 20])  # what the kernels add in a forward
+    t.record(0, 10, 5)  # and the PyTorch path, on the host
+    t.bind(0, None)  # slot 0 freed: its counts so far belong to "ts"
+    counters, host = t.device_counters.clone(), (list(t.routed), list(t.kept))
+    expected = {"ts": {"updates": 60, "skipped": 35, "skip_rate": 35 / 60}}
+    assert t.snapshot() == expected and t.snapshot() == expected
+    assert torch.equal(t.device_counters, counters) and (t.routed, t.kept) == host
+    t.bind(1, 1)
+    t.device_counters[:, 1] += torch.tensor([4, 4])
+    t.bind(1, 1)  # re-bound to the same adapter: nothing counted twice
+    assert t.snapshot()["ts"]["updates"] == 64
 
 
 def test_lora_rank_limit():
@@ -154,7 +177,7 @@ def test_adapter_with_unwrapped_modules_is_refused():
     worker = SimpleNamespace(_adapter_manager=manager)
     request = SimpleNamespace(lora_name="x")
     ok = SimpleNamespace(loras={"model.layers.0.self_attn.q_proj": None, "model.layers.0.self_attn.v_proj": None})
-    GatedWorkerLoRAManager._check_all_modules_wrapped(worker, request, ok)
+    GatedWorkerLoRAManager._check_modules_served(worker, request, ok, gated=False)
     bad = SimpleNamespace(loras={**ok.loras, "model.layers.0.mlp.down_proj": None})
     with pytest.raises(ValueError, match="down_proj.*--lora-target-modules"):
-        GatedWorkerLoRAManager._check_all_modules_wrapped(worker, request, bad)
+        GatedWorkerLoRAManager._check_modules_served(worker, request, bad, gated=False)
