@@ -11,7 +11,9 @@ a threshold tau_s and the Gram matrix G_s = B_s^T B_s. With `base = W0 x + b` al
     on_s  = slot >= 0  and  d2_s >= tau_s^2 max(b2_s, eps^2)      (as tspeft_rt.gate.gate_keep)
     output[on_s, slice s] += B_s[slot] h_s                        expand: kept tokens only
 
-tau = 0 keeps every token (plain LoRA); tokens without an adapter never get a delta.
+tau = 0 keeps every token (plain LoRA); tokens without an adapter never get a delta. A slice the
+slot's adapter has no weights for (k of a q,v adapter; a module pruned at export) has tau =
+`UNCOVERED`: its tokens are neither gated, expanded nor counted as routed updates.
 
 On CPU the cost is mostly per-op overhead, so the slices are packed per slot (`PackedLoRA`): one
 shrink for all slices ([S*r, in]), one block-diagonal Gram product for all gates, and tokens are
@@ -31,8 +33,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from tspeft_rt.gate import gate_thresholds, keep_from_thresholds
+from tspeft_rt.gate import gate_thresholds, keep_from_thresholds, row_sq_norm
 
+UNCOVERED = -1.0
+"""tau of a slice the slot's adapter does not cover (the method's thresholds are >= 0)."""
 COMPACT_MIN_TOKENS = 64
 """Token groups this large expand slice by slice; smaller ones in one masked matmul (module docstring)."""
 COMPACT_BELOW_KEEP = 0.15
@@ -80,8 +84,9 @@ def lora_segments(slots: Tensor, max_loras: int) -> tuple[Tensor, Tensor, Tensor
 
 class PackedLoRA:
     """Every slot's LoRA of one layer, slices packed: A [L, S*r, in], block-diagonal B [L, sum N, S*r]
-    and Gram [L, S*r, S*r] (fp32), tau [L, S] (fp32), and whether each slot runs the gate. Without
-    `pack_weights` (the Triton path, which reads vLLM's own buffers) only the gate state is kept."""
+    and Gram [L, S*r, S*r] (fp32), tau [L, S] (fp32; `UNCOVERED` where the slot's adapter has no
+    weights), which slices each slot covers and whether it runs the gate. Without `pack_weights`
+    (the Triton path, which reads vLLM's own buffers) only the gate state is kept."""
 
     def __init__(self, max_loras: int, rank: int, in_features: int, output_slices: Sequence[int],
                  dtype: torch.dtype, device: torch.device | str, pack_weights: bool = True) -> None:
@@ -91,13 +96,21 @@ class PackedLoRA:
         self.a = torch.zeros(max_loras, s * rank, in_features, dtype=dtype, device=device) if pack_weights else None
         self.b = torch.zeros(max_loras, n, s * rank, dtype=dtype, device=device) if pack_weights else None
         self.gram = torch.zeros(max_loras, s * rank, s * rank, dtype=torch.float32, device=device)
-        self.tau = torch.zeros(max_loras, s, dtype=torch.float32, device=device)
+        self.tau = torch.full((max_loras, s), UNCOVERED, dtype=torch.float32, device=device)
         self.tau_sq, self.floor = gate_thresholds(self.tau)  # what the gate compares against
+        self.covered = torch.zeros(max_loras, s, dtype=torch.bool, device=device)
+        self.covered_slices = [0] * max_loras  # host copy of covered.sum(1)
         self.gated = [False] * max_loras
 
-    def set_slot(self, slot: int, lora_a: Sequence[Tensor], lora_b: Sequence[Tensor]) -> None:
-        """Copy one slot's per-slice A_s [r, in] and B_s [N_s, r] (zero-padded to the rank)."""
+    def set_slot(self, slot: int, lora_a: Sequence[Tensor], lora_b: Sequence[Tensor],
+                 covered: Sequence[bool] | None = None) -> None:
+        """Copy one slot's per-slice A_s [r, in] and B_s [N_s, r] (zero-padded to the rank); `covered`:
+        the slices the adapter has weights for (default: all)."""
         self.reset_slot(slot)
+        covered = [True] * len(self.output_slices) if covered is None else list(covered)
+        self.covered[slot] = torch.tensor(covered)
+        self.covered_slices[slot] = sum(covered)
+        self.set_gate(slot, [None] * len(covered))  # plain LoRA on the covered slices until a gate is set
         r = self.rank
         for s, (a, b) in enumerate(zip(lora_a, lora_b)):
             cols = slice(s * r, (s + 1) * r)
@@ -111,13 +124,17 @@ class PackedLoRA:
             self.a[slot] = 0
             self.b[slot] = 0
         self.gram[slot] = 0
+        self.covered[slot] = False
+        self.covered_slices[slot] = 0
         self.set_gate(slot, [None] * len(self.output_slices))
 
     def set_gate(self, slot: int, taus: Sequence[float | None]) -> None:
-        """Thresholds of one slot, one per slice; None = no gate (plain LoRA, tau 0)."""
-        self.tau[slot] = torch.tensor([0.0 if t is None else t for t in taus])
+        """Thresholds of one slot, one per slice; None = no gate (plain LoRA, tau 0). Slices the slot
+        does not cover stay `UNCOVERED`."""
+        covered = self.covered[slot].tolist()
+        self.tau[slot] = torch.tensor([(0.0 if t is None else t) if c else UNCOVERED for t, c in zip(taus, covered)])
         self.tau_sq[slot], self.floor[slot] = gate_thresholds(self.tau[slot])
-        self.gated[slot] = any(t is not None for t in taus)
+        self.gated[slot] = any(t is not None and c for t, c in zip(taus, covered))
 
 
 def gram(lora_b: Tensor) -> Tensor:
@@ -126,31 +143,36 @@ def gram(lora_b: Tensor) -> Tensor:
     return b.transpose(-1, -2) @ b
 
 
-def gated_lora(output: Tensor, x: Tensor, packed: PackedLoRA, groups: Sequence[SlotGroup]) -> list[int]:
-    """Add the gated LoRA delta to `output` [T, sum N] in place; returns the kept (token, slice)
-    updates of each group."""
-    kept = []
+def gated_lora(output: Tensor, x: Tensor, packed: PackedLoRA,
+               groups: Sequence[SlotGroup]) -> list[tuple[int, int]]:
+    """Add the gated LoRA delta to `output` [T, sum N] in place; returns the (routed, kept) (token,
+    slice) updates of each group (routed: the slices its slot covers)."""
+    counts = []
     for group in groups:
-        slot, rows = group.slot, group.rows
+        slot, rows, covered = group.slot, group.rows, packed.covered_slices[group.slot]
+        if covered == 0:  # the adapter has no weights in this layer (pruned, or not targeted)
+            counts.append((0, 0))
+            continue
         h = x[rows].to(packed.a.dtype) @ packed.a[slot].T  # [Tg, S*r]
         on = slot_gate(h, output[rows], packed, slot) if packed.gated[slot] else None  # [Tg, S]
+        if covered < len(packed.output_slices):
+            on = packed.covered[slot].expand(group.count, -1) if on is None else on & packed.covered[slot]
         per_slice = [group.count] * len(packed.output_slices) if on is None else on.sum(0).tolist()
-        kept.append(sum(per_slice))
+        counts.append((group.count * covered, sum(per_slice)))
         if group.count >= COMPACT_MIN_TOKENS:
             _expand_by_slice(output, h, on, per_slice, packed, group)
         else:
             if on is not None:
                 h = (h.unflatten(1, (-1, packed.rank)) * on.unsqueeze(-1)).flatten(1)
             output[rows] += (h @ packed.b[slot].T).to(output.dtype)
-    return kept
+    return counts
 
 
 def slot_gate(h: Tensor, base: Tensor, packed: PackedLoRA, slot: int) -> Tensor:
     """on [Tg, S]: ||B_s h_s||^2 from the block-diagonal Gram matrix against tau_s^2 ||base_s||^2."""
     hf = h.float()
     delta_sq = ((hf @ packed.gram[slot]) * hf).unflatten(1, (-1, packed.rank)).sum(-1)
-    base_sq = torch.stack([torch.linalg.vector_norm(base[:, lo:hi], dim=-1, dtype=torch.float32)
-                           for lo, hi in zip(packed.offsets, packed.offsets[1:])], dim=1).square()
+    base_sq = torch.stack([row_sq_norm(base[:, lo:hi]) for lo, hi in zip(packed.offsets, packed.offsets[1:])], dim=1)
     return keep_from_thresholds(delta_sq, base_sq, packed.tau_sq[slot], packed.floor[slot])
 
 

@@ -1,7 +1,7 @@
 """Gated multi-LoRA for serving in Triton: the device-side twin of `tspeft_rt.kernels.gated_lora`.
 
 Same math as the PyTorch path (the oracle in the tests). Tokens are sorted by adapter slot once per
-batch (`lora_segments`); per slice s of the layer and slot l, on the rows t of slot l's segment:
+batch (`gated_lora.lora_segments`); per slice s of the layer and slot l, on the rows t of slot l's segment:
 
     h[s, t]   = A_s[l] x_t                                   shrink, [S, T, r] fp32 (0 for slot -1)
     d2        = h^T G_s[l] h        (G = B^T B, so = ||B h||^2; h rounded to the weights' dtype first,
@@ -10,7 +10,8 @@ batch (`lora_segments`); per slice s of the layer and slot l, on the rows t of s
     on[s, t]  = d2 >= max(tau^2 max(b2, EPS^2), TINY * (tau > 0))       tspeft_rt.gate.gate_keep
     output[t, slice s] += B_s[l] h[s, t]        only where on
 
-tau = 0 keeps every token (plain LoRA); slot -1 (no adapter) is never on.
+tau = 0 keeps every token (plain LoRA); slot -1 (no adapter) is never on; tau < 0 (`UNCOVERED`: the
+slot's adapter has no weights for the slice) is neither routed, read, written nor counted.
 
 Two kernels. The shrink (split over K for decode-sized batches) writes h. The gated expand fuses the
 gate into the expand: a program takes BLOCK_M rows of one slot's segment and one slice, reads those
@@ -44,7 +45,6 @@ import torch
 from torch import Tensor
 
 from tspeft_rt.gate import _TINY, EPS
-from tspeft_rt.kernels.gated_lora import lora_segments  # noqa: F401 - the batch grouping the kernels read
 
 try:
     import triton
@@ -173,14 +173,16 @@ if HAS_TRITON:
         return rows, row_ok
 
     @triton.jit
-    def _shrink_kernel(x_ptr, a_ref, a_tab, h_ptr, sorted_ptr, counts_ptr, starts_ptr,
-                       K, R, stride_xt, stride_xk, stride_hs, stride_ht, stride_hr,
+    def _shrink_kernel(x_ptr, a_ref, a_tab, h_ptr, taus_ptr, sorted_ptr, counts_ptr, starts_ptr,
+                       K, R, stride_xt, stride_xk, stride_hs, stride_ht, stride_hr, stride_ts, stride_tl,
                        BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
                        SPLIT_K: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
         pid, s, slot = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         tile, split = pid // SPLIT_K, pid % SPLIT_K
         count = tl.load(counts_ptr + slot)
-        if tile * BLOCK_M >= count:  # past the slot's segment (most programs when few slots are active)
+        # Past the slot's segment (most programs when few slots are active), or a slice the slot's
+        # adapter does not cover (tau < 0: h stays 0).
+        if (tile * BLOCK_M >= count) | (tl.load(taus_ptr + s * stride_ts + slot * stride_tl) < 0):
             return
         rows, row_ok = _segment_rows(sorted_ptr, starts_ptr, count, tile, slot, BLOCK_M)
         w_dtype = a_ref.dtype.element_ty
@@ -221,8 +223,10 @@ if HAS_TRITON:
         n_chunks = tl.cdiv(MAX_N, CHUNK_N)
         tile, chunk = pid // n_chunks, pid % n_chunks
         count, n_s = tl.load(counts_ptr + slot), tl.load(b_tab + s * 6 + 4).to(tl.int32)
+        tau = tl.load(taus_ptr + s * stride_ts + slot * stride_tl)
         col0 = chunk * CHUNK_N
-        if (tile * BLOCK_M >= count) | (col0 >= n_s):  # past the segment or the slice
+        # Past the segment or the slice, or a slice the slot's adapter does not cover (tau < 0).
+        if (tile * BLOCK_M >= count) | (col0 >= n_s) | (tau < 0):
             return
         rows, row_ok = _segment_rows(sorted_ptr, starts_ptr, count, tile, slot, BLOCK_M)
         w_dtype = w_ref.dtype.element_ty
@@ -233,7 +237,6 @@ if HAS_TRITON:
         offset = tl.load(b_tab + s * 6 + 5)
         out_rows = out_ptr + rows[:, None] * stride_ot
         if GATE:
-            tau = tl.load(taus_ptr + s * stride_ts + slot * stride_tl)
             on = row_ok
             if tau != 0.0:  # tau = 0 (plain LoRA) keeps every row: the base is not read for a norm
                 hf = h.to(tl.float32)
@@ -298,15 +301,15 @@ class Launch:
         self.kernel[self.grid](*self.args, **self.meta)
 
 
-def shrink_launch(h: Tensor, x: Tensor, lora_a: Sequence[Tensor], a_table: Tensor, sorted_idx: Tensor,
-                  counts: Tensor, starts: Tensor) -> Launch:
+def shrink_launch(h: Tensor, x: Tensor, lora_a: Sequence[Tensor], a_table: Tensor, taus: Tensor,
+                  sorted_idx: Tensor, counts: Tensor, starts: Tensor) -> Launch:
     """The shrink into the zeroed h [S, T, r] fp32."""
     S, T, R = h.shape
     t = shrink_tiles(T, x.shape[1], S, R, lora_a[0].dtype)
     upcast, precision = dot_mode(lora_a[0])
     return Launch(_shrink_kernel, (triton.cdiv(T, t.block_m) * t.split_k, S, counts.numel()),
-                  (x, lora_a[0], a_table, h, sorted_idx, counts, starts, x.shape[1], R,
-                   x.stride(0), x.stride(1), h.stride(0), h.stride(1), h.stride(2)),
+                  (x, lora_a[0], a_table, h, taus, sorted_idx, counts, starts, x.shape[1], R,
+                   x.stride(0), x.stride(1), h.stride(0), h.stride(1), h.stride(2), *taus.stride()),
                   dict(BLOCK_M=t.block_m, BLOCK_R=t.block_r, BLOCK_K=t.block_k, SPLIT_K=t.split_k, UPCAST=upcast,
                        PRECISION=precision, num_warps=t.num_warps))
 
@@ -342,11 +345,11 @@ def gated_expand_launches(output: Tensor, h: Tensor, lora_b: Sequence[Tensor], b
             Launch(_gated_expand_kernel, split, args(t.chunk_n), dict(meta, GATE=False, EXPAND=True, HAS_COUNTERS=False))]
 
 
-def _shrink(x: Tensor, lora_a: Sequence[Tensor], a_table: Tensor, sorted_idx: Tensor, counts: Tensor,
-            starts: Tensor) -> Tensor:
+def _shrink(x: Tensor, lora_a: Sequence[Tensor], a_table: Tensor, taus: Tensor, sorted_idx: Tensor,
+            counts: Tensor, starts: Tensor) -> Tensor:
     h = torch.zeros((len(lora_a), x.shape[0], lora_a[0].shape[-2]), dtype=torch.float32, device=x.device)
     if x.shape[0]:
-        shrink_launch(h, x, lora_a, a_table, sorted_idx, counts, starts)()
+        shrink_launch(h, x, lora_a, a_table, taus, sorted_idx, counts, starts)()
     return h
 
 
@@ -360,15 +363,16 @@ def _gated_expand(output: Tensor, h: Tensor, lora_b: Sequence[Tensor], b_table: 
 
 
 @torch.library.custom_op("tspeft::lora_shrink", mutates_args=())
-def lora_shrink(x: Tensor, lora_a: list[Tensor], a_table: Tensor, sorted_idx: Tensor, counts: Tensor,
-                starts: Tensor) -> Tensor:
-    """h [S, T, r] fp32 = A_s[slot] x per token (rows of tokens without an adapter: 0)."""
+def lora_shrink(x: Tensor, lora_a: list[Tensor], a_table: Tensor, taus: Tensor, sorted_idx: Tensor,
+                counts: Tensor, starts: Tensor) -> Tensor:
+    """h [S, T, r] fp32 = A_s[slot] x per token (0 for tokens without an adapter and for slices their
+    slot does not cover, taus [S, L] < 0)."""
     _require_triton()
-    return _shrink(x, lora_a, a_table, sorted_idx, counts, starts)
+    return _shrink(x, lora_a, a_table, taus, sorted_idx, counts, starts)
 
 
 @lora_shrink.register_fake
-def _(x, lora_a, a_table, sorted_idx, counts, starts):
+def _(x, lora_a, a_table, taus, sorted_idx, counts, starts):
     return x.new_empty((len(lora_a), x.shape[0], lora_a[0].shape[-2]), dtype=torch.float32)
 
 
@@ -394,7 +398,7 @@ def _gated_lora_op(output: Tensor, x: Tensor, lora_a: list[Tensor], lora_b: list
                    b_table: Tensor, grams: Tensor, taus: Tensor, sorted_idx: Tensor, counts: Tensor, starts: Tensor,
                    output_slices: list[int], counters: Tensor | None = None) -> None:
     _require_triton()
-    h = _shrink(x, lora_a, a_table, sorted_idx, counts, starts)
+    h = _shrink(x, lora_a, a_table, taus, sorted_idx, counts, starts)
     _gated_expand(output, h, lora_b, b_table, grams, taus, sorted_idx, counts, starts, output_slices, counters, None)
 
 
@@ -409,9 +413,9 @@ def gated_lora_triton(output: Tensor, x: Tensor, weights: LoRAWeights, grams: Te
     """Add the gated LoRA delta to `output` [T, sum(output_slices)] in place, on the device.
 
     The semantics of `tspeft_rt.kernels.gated_lora.gated_lora`, on vLLM's stacked buffers (`weights`),
-    grams [S, L, r, r] fp32 and taus [S, L] fp32 (0 = keep all; `packed_gate_views` gives both from a
-    `PackedLoRA`), and the batch's `segments` (`lora_segments` of the per-token slots, computed once
-    per batch for every layer). `counters` ([2, L] int64), when given, gets each slot's routed and
+    grams [S, L, r, r] fp32 and taus [S, L] fp32 (0 = keep all, < 0 = not covered; `packed_gate_views`
+    gives both from a `PackedLoRA`), and the batch's `segments` (`gated_lora.lora_segments` of the per-token slots,
+    computed once per batch for every layer). `counters` ([2, L] int64), when given, gets each slot's routed and
     kept (token, slice) updates added.
     """
     _gated_lora_op(output, x, weights.lora_a, weights.lora_b, weights.a_table, weights.b_table, grams, taus,

@@ -18,15 +18,19 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tspeft_rt.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Adapter, AdapterError, has_gate_files, load_adapter
 from tspeft_rt.assets import BUNDLED_MODEL, resolve_model_path
-from tspeft_rt.errors import TspeftError
+from tspeft_rt.config import is_positive_int
+from tspeft_rt.errors import TspeftError, read_json
 from tspeft_rt.serve.telemetry import STATS_ENV
 
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -37,6 +41,10 @@ VLLM_ENV = {
     "VLLM_HOST_IP": "127.0.0.1",
 }
 """Set for every vLLM process we start: offline, no telemetry to outside servers, loopback only."""
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+"""Ctrl-C, `kill` and a closed terminal: `tspeft-rt serve` stops the server on each. While the launcher
+starts or stops a server it holds them back (see `_signals_deferred`)."""
 
 
 class ServeError(TspeftError):
@@ -81,14 +89,16 @@ def _plain_adapter(path: Path) -> tuple[dict, list[str]]:
     for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
         if not (path / name).is_file():
             raise ServeError(f"{path}: no {name}; expected a PEFT LoRA or tspeft-rt adapter directory")
+    config = read_json(path / ADAPTER_CONFIG, ServeError)
     try:
-        config = json.loads((path / ADAPTER_CONFIG).read_text())
         with safe_open(path / ADAPTER_WEIGHTS, framework="pt") as f:
             keys = list(f.keys())
     except (OSError, ValueError) as e:
-        raise ServeError(f"{path}: unreadable adapter ({type(e).__name__}: {e})") from None
-    if not isinstance(config, dict) or not isinstance(config.get("r"), int):
-        raise ServeError(f"{path / ADAPTER_CONFIG}: expected a JSON object with an integer 'r'")
+        raise ServeError(f"{path / ADAPTER_WEIGHTS}: unreadable ({type(e).__name__}: {e})") from None
+    pattern = config.get("rank_pattern") or {}
+    ranks = [config.get("r"), *(pattern.values() if isinstance(pattern, dict) else [None])]
+    if not all(is_positive_int(r) for r in ranks):
+        raise ServeError(f"{path / ADAPTER_CONFIG}: expected a positive integer 'r' (and 'rank_pattern' values)")
     return config, [k.split(".lora_")[0] for k in keys if ".lora_" in k]
 
 
@@ -116,6 +126,7 @@ class Server:
     log_file: Path | None = None
     startup_timeout: float = 300.0
     process: subprocess.Popen | None = None
+    _pgid: int | None = field(default=None, init=False, repr=False)  # our process group, until seen gone
 
     @property
     def url(self) -> str:
@@ -156,12 +167,15 @@ class Server:
 
     def start(self) -> "Server":
         cmd = self.command()
-        out = open(self.log_file, "ab") if self.log_file else None
-        self.process = subprocess.Popen(cmd, env=self.environment(), start_new_session=True,
-                                        stdout=out, stderr=subprocess.STDOUT if out else None)
-        if out:
-            out.close()
         try:
+            # A signal between the fork and the assignment would lose the only handle on the server.
+            with _signals_deferred():
+                out = open(self.log_file, "ab") if self.log_file else None
+                self.process = subprocess.Popen(cmd, env=self.environment(), start_new_session=True,
+                                                stdout=out, stderr=subprocess.STDOUT if out else None)
+                self._pgid = self.process.pid  # start_new_session: the server leads its own group
+                if out:
+                    out.close()
             self._wait_healthy()
         except BaseException:
             self.stop()
@@ -190,21 +204,30 @@ class Server:
     def stop(self, grace: float = 20.0) -> None:
         """SIGTERM the API server, so that vLLM stops its engine core and workers its own way (draining
         requests for `--shutdown-timeout` seconds if given); then SIGTERM whatever is left of the process
-        group, then SIGKILL stragglers."""
-        if self.process is None:
+        group, then SIGKILL stragglers.
+
+        Idempotent: once the group is gone its id is free for anyone's new processes, so a second call
+        (a failed start's, then the caller's) signals nothing. SIGINT, SIGTERM and SIGHUP arriving
+        meanwhile cannot cut the escalation short: they skip the grace periods, straight to SIGKILL,
+        and reach their handlers (a KeyboardInterrupt, say) once the server is gone."""
+        if self._pgid is None:
             return
-        pgid = self.process.pid  # start_new_session: the server leads its own group
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            pass
-        _signal_group(pgid, signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        while _group_alive(pgid) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        _signal_group(pgid, signal.SIGKILL)
-        self.process.wait()
+        with _signals_deferred() as caught:
+            self._stop_group(self._pgid, grace, hurry=caught)
+            self._pgid = None  # before the deferred signals are delivered: their handlers may raise
+
+    def _stop_group(self, pgid: int, grace: float, hurry: list[int]) -> None:
+        """The escalation of `stop`; each wait ends early once `hurry` is non-empty."""
+        process = self.process
+        process.terminate()  # a no-op once reaped (the server exited by itself)
+        _wait_for(lambda: _exited(process), grace, hurry)
+        if _group_alive(pgid):
+            _signal_group(pgid, signal.SIGTERM)
+            _wait_for(lambda: not _group_alive(pgid), grace, hurry)
+        if _group_alive(pgid):
+            _signal_group(pgid, signal.SIGKILL)
+            _wait_for(lambda: not _group_alive(pgid), 5.0, [])  # dying takes a moment (and frees the port)
+        process.wait()  # only now: until reaped, the leader's zombie keeps its id, the group's, from reuse
 
     def __enter__(self) -> "Server":
         return self.start()
@@ -213,16 +236,82 @@ class Server:
         self.stop()
 
 
+@contextmanager
+def _signals_deferred() -> Iterator[list[int]]:
+    """Hold back `STOP_SIGNALS` while the block runs, then deliver them, once each, to the handlers
+    they would have met. Yields the list of signals caught so far, for the block to look at.
+
+    Only the main thread can set handlers (and Python runs them there): in another thread the block
+    runs unprotected."""
+    caught: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield caught
+        return
+    previous = {}
+    try:
+        for sig in STOP_SIGNALS:
+            previous[sig] = signal.signal(sig, lambda signum, _frame: caught.append(signum))
+        yield caught
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for sig in dict.fromkeys(caught):
+            signal.raise_signal(sig)
+
+
+def _wait_for(done: Callable[[], bool], timeout: float, hurry: list[int]) -> None:
+    """Poll `done` until it holds, `timeout` seconds pass or `hurry` gets an entry. (Sleeping, not an
+    Event: a signal handler setting an Event can deadlock on the lock the waiting thread holds.)"""
+    deadline = time.monotonic() + timeout
+    while not done() and not hurry and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def _exited(process: subprocess.Popen) -> bool:
+    """Whether the process has exited, leaving it unreaped (`stop`'s last step reaps it)."""
+    if process.returncode is not None:
+        return True
+    return os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+
+
 def _signal_group(pgid: int, sig: int) -> None:
+    """Signal the group unless it is gone (or no longer ours: see `_group_alive`)."""
     try:
         os.killpg(pgid, sig)
-    except ProcessLookupError:
+    except (ProcessLookupError, PermissionError):
         pass
 
 
 def _group_alive(pgid: int) -> bool:
+    """Whether a process of the group we started is still running.
+
+    PermissionError means the group exists but none of its processes is ours to signal. Every process
+    of our group runs as us, and Linux reuses no id that is still some process's group id, so ours is
+    gone and another user's processes now have its id: False, nothing left of ours to wait for or kill.
+    (Running as root, such a group reads as alive: `stop` guards against reuse instead, by reaping the
+    leader only at its end, which keeps the id taken while it signals, and by signalling nothing after.)"""
     try:
         os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
+    except (ProcessLookupError, PermissionError):
         return False
+    return _running_member(pgid)
+
+
+def _running_member(pgid: int) -> bool:
+    """Whether /proc lists a process of group `pgid` that is not a zombie (True without /proc).
+
+    Zombies answer `killpg` too, yet they are dead, waiting for their parent: the server's own, until
+    `stop` reaps it, and workers orphaned by a killed server, which go to init, and not every
+    container's init reaps."""
+    try:
+        entries = [e.path for e in os.scandir("/proc") if e.name.isdigit()]
+    except FileNotFoundError:
+        return True
+    for path in entries:
+        try:
+            state, _ppid, group = Path(path, "stat").read_text().rpartition(")")[2].split()[:3]
+        except OSError:  # exited since the listing
+            continue
+        if int(group) == pgid and state != "Z":
+            return True
+    return False

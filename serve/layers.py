@@ -51,7 +51,9 @@ class GatedLoRALayer:
 
     def set_lora(self, index: int, lora_a, lora_b) -> None:
         super().set_lora(index, lora_a, lora_b)  # vLLM's buffers, sliced and zero-padded
-        self.gated.set_slot(index)
+        # Packed layers get one entry per slice, None where the adapter lacks that module (k of q,v).
+        self.gated.set_slot(index, [a is not None for a in lora_a] if isinstance(lora_a, (list, tuple))
+                            else [True] * self.n_slices)
 
     def reset_lora(self, index: int) -> None:
         super().reset_lora(index)

@@ -8,8 +8,8 @@ Two kinds of state, following vLLM's own split between the punica wrapper and th
   it). The buffers are allocated once at their largest size, so CUDA graphs captured over them stay
   valid; rows past the batch's tokens (CUDA-graph padding) hold slot -1, and a batch without adapter
   tokens has empty segments: neither gets a delta nor is counted.
-- `GatedSlots`, per layer: per slot and slice the threshold and the Gram matrix (`PackedLoRA`), set
-  when an adapter takes a slot, and for the Triton path the pointer tables of vLLM's weight buffers
+- `GatedSlots`, per layer: per slot and slice the threshold, the Gram matrix and whether the slot's
+  adapter covers the slice (`PackedLoRA`), set when an adapter takes a slot, and for the Triton path the pointer tables of vLLM's weight buffers
   (`LoRAWeights`), built once when the layer's buffers are created, never inside a forward.
 
 `GatedSlots.apply` adds the gated delta: the Triton kernels on CUDA (device only, no host
@@ -78,9 +78,10 @@ class GatedSlots:
             self.weights = LoRAWeights.from_buffers(lora_a, lora_b, output_slices)
             self.grams, self.taus = packed_gate_views(self.packed.gram, self.packed.tau)
 
-    def set_slot(self, index: int) -> None:
-        """Slot `index` of vLLM's buffers now holds an adapter: its Gram matrices (and packed copy)."""
-        self.packed.set_slot(index, [a[index, 0] for a in self.lora_a], [b[index, 0] for b in self.lora_b])
+    def set_slot(self, index: int, covered: Sequence[bool]) -> None:
+        """Slot `index` of vLLM's buffers now holds an adapter with weights for the `covered` slices:
+        its Gram matrices (and packed copy)."""
+        self.packed.set_slot(index, [a[index, 0] for a in self.lora_a], [b[index, 0] for b in self.lora_b], covered)
 
     def reset_slot(self, index: int) -> None:
         self.packed.reset_slot(index)
@@ -98,6 +99,5 @@ class GatedSlots:
                               telemetry.device_counters)
             return
         if batch.groups:
-            kept = gated_lora(output, x, self.packed, batch.groups)
-            for group, k in zip(batch.groups, kept):
-                telemetry.record(group.slot, group.count * self.num_slices, k)
+            for group, (routed, kept) in zip(batch.groups, gated_lora(output, x, self.packed, batch.groups)):
+                telemetry.record(group.slot, routed, kept)

@@ -94,14 +94,15 @@ class GateTelemetry:
                 self._device_seen = self.device_counters.tolist()
                 self._copied = None  # the copy in flight is older than this: never read it
             now = self._counts(slot, self._device_seen)
-            self._close(slot, now)
+            self._add_tenure(self.totals, slot, now)
             self.slot_adapter[slot], self._baseline[slot] = adapter_id, now
         self._start_reporter()
 
-    def _close(self, slot: int, now: tuple[int, int]) -> None:
+    def _add_tenure(self, totals: dict[int, list[int]], slot: int, now: tuple[int, int]) -> None:
+        """Add the counts of the slot's current adapter since it took the slot (up to `now`) to `totals`."""
         owner, (routed0, kept0) = self.slot_adapter[slot], self._baseline[slot]
         if owner is not None and now[0] > routed0:
-            total = self.totals.setdefault(owner, [0, 0])
+            total = totals.setdefault(owner, [0, 0])
             total[0] += now[0] - routed0
             total[1] += now[1] - kept0
 
@@ -109,13 +110,9 @@ class GateTelemetry:
         """{adapter name: {updates, skipped, skip_rate}} over every token served so far (reads only)."""
         with self._lock:
             totals = {adapter: list(t) for adapter, t in self.totals.items()}
-            seen = self._device_seen
-            for slot, owner in enumerate(self.slot_adapter):
-                if owner is not None:
-                    (routed, kept), (routed0, kept0) = self._counts(slot, seen), self._baseline[slot]
-                    total = totals.setdefault(owner, [0, 0])
-                    total[0] += routed - routed0
-                    total[1] += kept - kept0
+            seen = self._device_seen  # one complete copy (`poll` replaces it whole)
+            for slot in range(len(self.slot_adapter)):
+                self._add_tenure(totals, slot, self._counts(slot, seen))
         out = {}
         for adapter_id, (routed, kept) in totals.items():
             if adapter_id in self.names and routed > 0:

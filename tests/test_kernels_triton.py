@@ -161,16 +161,15 @@ class Case:
         `gated_lora`)."""
         out = self.base.clone()
         groups = group_by_slot(self.slots)
-        kept_list = gated_lora(out, self.x, self.packed(), groups)
         counters = torch.zeros(2, self.L, dtype=torch.int64)
-        for group, k in zip(groups, kept_list):
-            counters[:, group.slot] = torch.tensor([group.count * len(self.slices), k])
+        for group, counts in zip(groups, gated_lora(out, self.x, self.packed(), groups)):
+            counters[:, group.slot] = torch.tensor(counts)
         on = self.on_ref()
         assert counters[1].tolist() == [int(on[:, self.slots == slot].sum()) for slot in range(self.L)]
         return out, on, counters
 
     def shrink(self) -> torch.Tensor:
-        return tg.lora_shrink(self.x, self.A, self.weights.a_table, *lora_segments(self.slots, self.L))
+        return tg.lora_shrink(self.x, self.A, self.weights.a_table, self.taus, *lora_segments(self.slots, self.L))
 
     def run(self, slots: torch.Tensor | None = None, counters: torch.Tensor | None = None,
             grams: torch.Tensor | None = None, taus: torch.Tensor | None = None):
@@ -268,6 +267,34 @@ def test_tokens_without_adapter_get_nothing():
     out, buf = case.run(slots=slots, counters=counters)
     assert torch.equal(out, case.base) and counters.tolist() == [[0] * case.L] * 2
     assert_pad_untouched(buf)
+
+
+def test_uncovered_slices_are_not_routed_read_or_written():
+    """k of a q,v adapter (slot 1) and a layer an adapter has no weights in (slot 2, every slice):
+    tau < 0, the same on both paths: those rows keep the base bit for bit and count nothing."""
+    case = Case("uncovered", [24, 8, 16], 8, torch.float32, "mixed", T=30, L=4)
+    covered = {0: [True] * 3, 1: [True, False, True], 2: [False] * 3}
+    packed = PackedLoRA(case.L, case.rank, case.x.shape[1], case.slices, case.dtype, case.x.device)
+    for slot, cover in covered.items():
+        packed.set_slot(slot, [a[slot, 0] for a in case.A], [b[slot, 0] for b in case.B], cover)
+        packed.set_gate(slot, [None if slot == 0 else float(t) for t in case.taus[:, slot]])
+    ref, groups = case.base.clone(), group_by_slot(case.slots)
+    counts = dict(zip([g.slot for g in groups], gated_lora(ref, case.x, packed, groups)))
+    grams, taus = tg.packed_gate_views(packed.gram, packed.tau)
+    counters = torch.zeros(2, case.L, dtype=torch.int64, device=DEVICE)
+    out, buf = case.run(counters=counters, grams=grams, taus=taus)
+    assert_pad_untouched(buf)
+    for slot, cover in covered.items():
+        rows = case.slots == slot
+        assert rows.sum() > 1
+        for s, c in enumerate(cover):
+            cols = slice(case.off[s], case.off[s + 1])
+            if not c:
+                assert torch.equal(out[rows, cols], case.base[rows, cols])
+                assert torch.equal(ref[rows, cols], case.base[rows, cols])
+        assert counters[0, slot] == counts.get(slot, (0, 0))[0] == int(rows.sum()) * sum(cover)
+        assert counters[1, slot] == counts.get(slot, (0, 0))[1]
+    torch.testing.assert_close(out, ref, **TOL[case.dtype])
 
 
 def test_comparison_catches_wrong_slot_missed_row_and_flipped_gate():

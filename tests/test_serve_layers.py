@@ -270,6 +270,33 @@ def test_metadata_sequence_adapter_base_only_padded(use_triton):
     assert torch.equal(case.run(base_only[:3], x), base), "a padded base-only batch got a delta"
 
 
+@pytest.mark.parametrize("use_triton", [False, True], ids=["cpu-path", "triton-path"])
+def test_slices_an_adapter_lacks_are_neither_applied_nor_counted(use_triton):
+    """A q,v adapter in the packed qkv layer (vLLM passes None for the missing k) and an adapter with no
+    weights in the layer (pruned: vLLM resets its slot): those rows keep the base, and the telemetry
+    counts only the (token, slice) updates the adapters cover."""
+    case = Case("merged_qkv", seed=14, use_triton=use_triton)
+    (qa, qb), _, (va, vb) = case.weights[1]
+    case.layer.set_lora(0, [qa, None, va], [qb, None, vb])
+    case.layer.reset_lora(2)
+    x = torch.randn(len(MIXED), case.in_features, generator=torch.Generator().manual_seed(15))
+
+    def counts(slot: int) -> tuple[int, int]:
+        if use_triton:
+            return tuple(TELEMETRY.device_counters[:, slot].tolist())
+        return TELEMETRY.routed[slot], TELEMETRY.kept[slot]
+
+    before = [counts(0), counts(2)]
+    out, base = case.run(MIXED, x), case.base_output(x)
+    q, k, _ = case.layer.output_slices
+    rows1, rows2 = [[t for t, a in enumerate(MIXED) if a == i] for i in (1, 2)]
+    assert torch.equal(out[rows1, q:q + k], base[rows1, q:q + k]) and torch.equal(out[rows2], base[rows2])
+    assert ((out[rows1, :q] - base[rows1, :q]).abs().amax(-1) > 0).all()
+    routed0, kept0 = (a - b for a, b in zip(counts(0), before[0]))
+    assert routed0 == kept0 == 2 * len(rows1)  # q and v, no gate
+    assert counts(2) == before[1]
+
+
 def test_triton_path_traces_whole_with_torch_compile():
     """The layer's device path under torch.compile(fullgraph=True), as vLLM compiles models on GPUs:
     no graph break (the kernels are opaque custom ops), the same output as eager, and a later batch's

@@ -39,13 +39,16 @@ ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "HF_HUB_OFFLINE": "1", "TRANSFORME
 
 
 def prompts(tokenizer, n: int, length: int) -> list[list[int]]:
-    """n token-id prompts of exactly `length` tokens from consecutive ARC-Easy validation questions."""
-    from tspeft_rt.data import load_task
+    """n token-id prompts of exactly `length` tokens from consecutive ARC-Easy validation questions, each
+    starting as a served text prompt does (with the tokenizer's BOS, where it adds one)."""
+    from tspeft_rt.data import load_task, special_prefix
 
     text = " ".join(ex.choices[ex.gold].context + ex.choices[ex.gold].continuation
                     for ex in load_task("arc_easy", "validation"))
-    ids = tokenizer(text, add_special_tokens=False).input_ids
-    return [ids[i * length:(i + 1) * length] for i in range(n)]
+    prefix = special_prefix(tokenizer)
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    body = length - len(prefix)
+    return [prefix + ids[i * body:(i + 1) * body] for i in range(n)]
 
 
 def run_one(config: str, adapter: str, args) -> dict:

@@ -216,10 +216,9 @@ def pytorch_path(p: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(output, counters [2, L]) of the PyTorch path (`gated_lora`) on problem p."""
     ref = p["base"].clone()
     groups = group_by_slot(p["slots"])
-    kept = gated_lora(ref, p["x"], packed_reference(p), groups)
     counters = torch.zeros(2, p["L"], dtype=torch.int64)
-    for group, k in zip(groups, kept):
-        counters[:, group.slot] = torch.tensor([group.count * len(p["slices"]), k])
+    for group, counts in zip(groups, gated_lora(ref, p["x"], packed_reference(p), groups)):
+        counters[:, group.slot] = torch.tensor(counts)
     return ref, counters
 
 

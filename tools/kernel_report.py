@@ -121,7 +121,7 @@ def launches(case: Case) -> list:
     counters = torch.empty(2, L, dtype=torch.int64)
     # On CPU tensors dot_mode picks the interpreter's fp32 dots; the report is for a CUDA device.
     upcast, precision = tg.dot_mode(SimpleNamespace(device=torch.device("cuda"), dtype=dtype))
-    runtime = (tg.shrink_launch(h, x, weights.lora_a, weights.a_table, *segments),
+    runtime = (tg.shrink_launch(h, x, weights.lora_a, weights.a_table, taus, *segments),
                *tg.gated_expand_launches(output, h, weights.lora_b, weights.b_table, grams, taus, *segments, slices,
                                          counters, None))
     return [replace(launch, meta={**launch.meta, "UPCAST": upcast, "PRECISION": precision}) for launch in runtime]

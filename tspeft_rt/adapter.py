@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from tspeft_rt import __version__
-from tspeft_rt.errors import TspeftError
+from tspeft_rt.config import is_finite_number, is_pattern, is_positive_int, is_positive_number, is_rate, is_str_list
+from tspeft_rt.errors import TspeftError, read_json, shown
 from tspeft_rt.gate import EPS
 from tspeft_rt.inject import pattern_value, track_valid_tokens
 from tspeft_rt.layers import GateContext, GatedLinear
@@ -144,13 +144,7 @@ def write_adapter(out: Path, *, method: str, base_model: str, identity: dict, mo
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         raise AdapterError(f"{path}: missing (an adapter directory needs {path.name})")
-    try:
-        obj = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(obj, dict):
-        raise AdapterError(f"{path}: expected a JSON object, found {type(obj).__name__}")
-    return obj
+    return read_json(path, AdapterError)
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -166,62 +160,47 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
 def _check_config(path: Path, cfg: dict) -> None:
     def need(key: str, ok: bool, expected: str) -> None:
         if not ok:
-            raise AdapterError(f"{path}: key {key!r} must be {expected}, found {cfg.get(key, '<missing>')!r}")
+            raise AdapterError(f"{path}: key {key!r} must be {expected}, found {shown(cfg.get(key, '<missing>'))}")
 
     need("peft_type", cfg.get("peft_type") == "LORA", '"LORA"')
-    need("r", _positive_int(cfg.get("r")), "a positive integer")
-    need("lora_alpha", _positive_number(cfg.get("lora_alpha")), "a finite number > 0")
-    need("target_modules", isinstance(cfg.get("target_modules"), list)
-         and all(isinstance(t, str) for t in cfg["target_modules"]), "a list of module paths")
+    need("r", is_positive_int(cfg.get("r")), "a positive integer")
+    need("lora_alpha", is_positive_number(cfg.get("lora_alpha")), "a finite number > 0")
+    need("target_modules", is_str_list(cfg.get("target_modules")), "a list of module paths")
     need("use_dora", isinstance(cfg.get("use_dora", False), bool), "true or false")
     need("use_rslora", isinstance(cfg.get("use_rslora", False), bool), "true or false")
     need("bias", cfg.get("bias", "none") == "none", '"none"')
-    for key, valid in (("rank_pattern", _positive_int), ("alpha_pattern", _positive_number)):
-        pattern = cfg.get(key) or {}
-        need(key, isinstance(pattern, dict) and all(valid(v) for v in pattern.values()),
-             f"an object {{pattern: {'rank' if key == 'rank_pattern' else 'alpha'}}} with values > 0")
-        for regex in pattern:
-            try:
-                re.compile(regex)
-            except re.error as e:
-                raise AdapterError(f"{path}: {key} key {regex!r} is not a valid regular expression ({e})") from None
-
-
-def _positive_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v > 0
-
-
-def _positive_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+    need("rank_pattern", is_pattern(cfg.get("rank_pattern") or {}, is_positive_int), "an object {regex: rank > 0}")
+    need("alpha_pattern", is_pattern(cfg.get("alpha_pattern") or {}, is_positive_number),
+         "an object {regex: alpha > 0}")
 
 
 def _check_gate_config(path: Path, cfg: dict) -> None:
     if cfg.get("format") != GATE_FORMAT:
-        raise AdapterError(f"{path}: key 'format' must be {GATE_FORMAT!r}, found {cfg.get('format')!r}")
+        raise AdapterError(f"{path}: key 'format' must be {GATE_FORMAT!r}, found {shown(cfg.get('format'))}")
     if cfg.get("format_version") != GATE_FORMAT_VERSION:
-        raise AdapterError(f"{path}: unknown format_version {cfg.get('format_version')!r}; this tspeft-rt "
+        raise AdapterError(f"{path}: unknown format_version {shown(cfg.get('format_version'))}; this tspeft-rt "
                            f"reads version {GATE_FORMAT_VERSION}")
     if cfg.get("criterion") != "l2_ratio_ge":
-        raise AdapterError(f"{path}: key 'criterion' must be 'l2_ratio_ge', found {cfg.get('criterion')!r}")
+        raise AdapterError(f"{path}: key 'criterion' must be 'l2_ratio_ge', found {shown(cfg.get('criterion'))}")
     if cfg.get("eps") != EPS:
-        raise AdapterError(f"{path}: key 'eps' must be {EPS}, found {cfg.get('eps')!r}")
+        raise AdapterError(f"{path}: key 'eps' must be {EPS}, found {shown(cfg.get('eps'))}")
     if cfg.get("method") not in ("lora", "dora"):
-        raise AdapterError(f"{path}: key 'method' must be 'lora' or 'dora', found {cfg.get('method')!r}")
+        raise AdapterError(f"{path}: key 'method' must be 'lora' or 'dora', found {shown(cfg.get('method'))}")
     base = cfg.get("base_model")
     if not (isinstance(base, dict) and isinstance(base.get("config_hash"), str) and isinstance(base.get("name"), str)):
         raise AdapterError(f"{path}: key 'base_model' must be an object with string 'name' and 'config_hash'")
     pruned = cfg.get("pruned", {})
     if not (isinstance(pruned, dict) and all(
-            isinstance(p, dict) and isinstance(p.get("reason"), str) and _is_rate(p.get("keep_rate"))
-            for p in pruned.values())):
-        raise AdapterError(f"{path}: key 'pruned' must be an object {{module: {{keep_rate in [0, 1], reason}}}}")
+            isinstance(p, dict) and isinstance(p.get("reason"), str) and is_rate(p.get("keep_rate"))
+            and is_finite_number(p.get("weight_norm")) and p["weight_norm"] >= 0 for p in pruned.values())):
+        raise AdapterError(f"{path}: key 'pruned' must be an object "
+                           "{module: {keep_rate in [0, 1], weight_norm >= 0, reason}}")
     for key in ("pruning", "training"):
         if not isinstance(cfg.get(key, {}), dict):
             raise AdapterError(f"{path}: key {key!r} must be an object, found {type(cfg[key]).__name__}")
-
-
-def _is_rate(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v <= 1.0
+    skip = cfg.get("training", {}).get("skip_rate", 0.0)
+    if not is_rate(skip):  # `inspect` prints it as a number
+        raise AdapterError(f"{path}: key 'training.skip_rate' must be a number in [0, 1], found {shown(skip)}")
 
 
 def _check_tensor(path: Path, key: str, t: torch.Tensor, shape: tuple, dtypes=_FLOAT_DTYPES) -> None:

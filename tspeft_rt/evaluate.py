@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from tspeft_rt.data import MCExample, load_task
+from tspeft_rt.data import MCExample, encode_prompt, load_task, special_prefix, truncate_left
 from tspeft_rt.errors import TspeftError
 
 
@@ -31,12 +31,14 @@ Scorer = Callable[[list[tuple[str, str]]], list[float]]
 
 
 def encode_pairs(tokenizer, pairs: list[tuple[str, str]], max_len: int = 1024) -> list[tuple[list[int], int]]:
-    """Token ids of context + continuation (cut from the left to max_len), and how many end tokens are scored."""
+    """Token ids of context + continuation, and how many end tokens are scored. The context is encoded as a
+    prompt (`encode_prompt`: with the BOS the tokenizer adds), the continuation without special tokens; cut
+    from the left to max_len, the BOS staying in front (`truncate_left`). Both paths score these ids."""
+    prefix = special_prefix(tokenizer)
     encoded = []
     for context, continuation in pairs:
-        c = tokenizer.encode(context, add_special_tokens=False)
         y = tokenizer.encode(continuation, add_special_tokens=False)
-        ids = (c + y)[-max_len:]
+        ids = truncate_left(encode_prompt(tokenizer, context) + y, max_len, prefix)
         encoded.append((ids, min(len(y), len(ids) - 1)))
     return encoded
 

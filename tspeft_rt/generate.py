@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 
 from tspeft_rt.adapter import Adapter, attach_adapter, load_adapter
+from tspeft_rt.data import encode_chat, encode_prompt
+from tspeft_rt.errors import DataError
 from tspeft_rt.inject import load_base_model
 
 
@@ -36,14 +38,15 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 32, 
 @torch.no_grad()
 def generate_ids(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 32, temperature: float = 0.0,
                  top_p: float = 1.0, chat: bool = False, seed: int = 0) -> list[list[int]]:
-    """The generated token ids of each prompt (up to and including EOS)."""
+    """The generated token ids of each prompt (up to and including EOS). Prompts are encoded as vLLM encodes
+    them (`tspeft_rt.data`'s rule): plain text with the tokenizer's BOS, `chat` through the chat template."""
     outputs = []
     for prompt in prompts:
-        if chat:
-            ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                                return_tensors="pt", return_dict=True)["input_ids"]
-        else:
-            ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+        encoded = encode_chat(tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True) \
+            if chat else encode_prompt(tokenizer, prompt)
+        if not encoded:
+            raise DataError(f"prompt {prompt!r} encodes to no tokens (the tokenizer adds no BOS): nothing to continue")
+        ids = torch.tensor([encoded])
         torch.manual_seed(seed)
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else \
             {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}

@@ -10,12 +10,13 @@ correlation of the two rankings, and writes a heatmap PNG of keep rates (layers 
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 from tspeft_rt.adapter import ADAPTER_CONFIG, AdapterError, load_adapter
-from tspeft_rt.config import build_config
+from tspeft_rt.checkpoint import read_log
+from tspeft_rt.config import build_config, is_rate
+from tspeft_rt.errors import CheckpointError, TspeftError
 from tspeft_rt.export import find_checkpoint, module_scaling, read_checkpoint, weight_norm
 from tspeft_rt.layers import lora_scaling
 
@@ -39,12 +40,26 @@ def module_scores(source: Path) -> dict[str, dict]:
     if not stats_file.is_file():
         raise AdapterError(f"{source}: neither an adapter directory ({ADAPTER_CONFIG}) nor a TS run folder "
                            "(gate_stats.jsonl)")
-    last = json.loads(stats_file.read_text().splitlines()[-1])["modules"]
+    last = _last_gate_stats(stats_file)
     modules, meta = read_checkpoint(find_checkpoint(source))
     cfg = build_config(meta["config"], str(source))
     return {n: {"keep_rate": last[n]["keep"], "pruned": False,
                 "weight_norm": weight_norm(m, module_scaling(cfg, n, m["lora_A.weight"].shape[0]))}
             for n, m in modules.items() if n in last}
+
+
+def _last_gate_stats(stats_file: Path) -> dict[str, dict]:
+    """{module: {keep, ...}} of the last complete record (a run that is writing, or was killed, may have
+    torn the last line)."""
+    records = read_log(stats_file).records
+    if not records:
+        raise CheckpointError(f"{stats_file}: holds no gate statistics yet (one record every log_every steps)")
+    modules = records[-1].get("modules")
+    if not (isinstance(modules, dict)
+            and all(isinstance(m, dict) and is_rate(m.get("keep")) for m in modules.values())):
+        raise CheckpointError(f"{stats_file}: the last record's 'modules' must map module paths to "
+                              "{keep: rate in [0, 1], ...}")
+    return modules
 
 
 def ranks(values: dict[str, float]) -> dict[str, int]:
@@ -100,6 +115,10 @@ def heatmap(scores: dict[str, dict], out: Path, title: str) -> Path:
     ax.set_title(title)
     fig.colorbar(im, ax=ax, label="token keep rate")
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    try:
+        fig.savefig(out, dpi=100)
+    except (OSError, ValueError) as e:  # a missing folder, no permission, an unknown image format
+        raise TspeftError(f"--out {out}: cannot write the heatmap ({e})") from None
+    finally:
+        plt.close(fig)
     return out

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 import yaml
 from tqdm import tqdm
 
-from tspeft_rt.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from tspeft_rt.checkpoint import append_log, atomic_write_text, latest_checkpoint, load_checkpoint, read_log, \
+    rewrite_log, rng_state, save_checkpoint, set_rng_state
 from tspeft_rt.config import TrainConfig
 from tspeft_rt.data import IGNORE, batch_indices, collate, tokenize, training_examples
 from tspeft_rt.errors import CheckpointError, ConfigError, TrainingDiverged
@@ -87,7 +88,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(weights, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(cfg, s))
         gates = {n: l.token_gate for n, l in self.layers.items() if l.token_gate is not None}
-        self.controller = ThresholdController(gates, cfg)
+        self.controller = ThresholdController(gates, cfg, log=self.log)
         self.examples = [tokenize(self.tokenizer, ex, cfg.prompt_format, cfg.max_seq_len)
                          for ex in training_examples(cfg)]
         self.start_step = 0
@@ -116,12 +117,18 @@ class Trainer:
             self._resume(ckpt)
         if self.dist.main:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
-            for name in ("metrics.jsonl", "gate_stats.jsonl"):  # drop records past the resumed step
-                path = self.out / name
-                if path.exists():
-                    keep = [l for l in path.read_text().splitlines() if json.loads(l)["step"] <= self.start_step]
-                    path.write_text("".join(l + "\n" for l in keep))
+            atomic_write_text(self.out / "config.yaml", yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+            for name in ("metrics.jsonl", "gate_stats.jsonl"):
+                self._truncate_log(self.out / name)
+
+    def _truncate_log(self, path: Path) -> None:
+        """Drop a torn last line and the records past the resumed step (this run writes them again)."""
+        if not path.exists():
+            return
+        log = read_log(path)
+        if log.torn:
+            self.log(f"{path}: left out its last line, cut short when the run was killed")
+        rewrite_log(path, [r for r in log.records if r["step"] <= self.start_step])
 
     def _resume(self, ckpt: Path) -> None:
         adapter, state, meta = load_checkpoint(ckpt)
@@ -138,11 +145,15 @@ class Trainer:
             for name, t in self.model.named_parameters():
                 if name in adapter:
                     t.copy_(adapter[name])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.controller.load_state_dict(state["controller"])
-        set_rng_state(state["rng"])
-        self.start_step = int(meta["step"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.controller.load_state_dict(state["controller"])
+            set_rng_state(state["rng"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:  # what a damaged or foreign state raises
+            raise CheckpointError(f"{ckpt / 'trainer.pt'}: not a trainer state of this run "
+                                  f"({type(e).__name__}: {e})") from None
+        self.start_step = meta["step"]
         self.gate_keep = meta.get("keep_rates", {})
         self.log(f"resumed from {ckpt} at step {self.start_step}")
 
@@ -237,7 +248,7 @@ class Trainer:
         if cfg.eval_examples > 0:
             result.update(self.evaluate(cfg.steps))
         if self.dist.main:
-            (self.out / "results.json").write_text(json.dumps(result, indent=1))
+            atomic_write_text(self.out / "results.json", json.dumps(result, indent=1))
         return result
 
     def _log_gates(self, step: int) -> None:
@@ -271,8 +282,7 @@ class Trainer:
 
     def _write(self, name: str, record: dict) -> None:
         if self.dist.main:
-            with open(self.out / name, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_log(self.out / name, record)
         if self.tensorboard is not None and name == "metrics.jsonl":
             for key, value in _flatten(record).items():
                 self.tensorboard.add_scalar(key, value, record["step"])
