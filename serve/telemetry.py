@@ -153,7 +153,7 @@ def write_stats(path: Path, stats: dict) -> None:
 def read_stats(path: str | os.PathLike) -> dict:
     try:
         return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return {}
 
 

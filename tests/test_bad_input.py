@@ -373,6 +373,12 @@ def report_out_in_a_missing_folder(c: Ctx):
     return ["report", c.good_run, "--out", out], ["--out", str(out)]
 
 
+@case
+def eval_out_in_a_missing_folder(c: Ctx):
+    out = c.tmp / "missing" / "eval.json"
+    return ["eval", "--model", c.model, "--out", out, "--limit", "1"], ["--out", str(out), "does not exist"]
+
+
 # ---- the test ------------------------------------------------------------------------------------------
 
 @pytest.fixture

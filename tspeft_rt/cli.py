@@ -173,6 +173,9 @@ def evaluate(model, adapter_dir, endpoint, served_name, tasks, limit, batch_size
     """Multiple-choice validation accuracy (log-likelihood; acc and acc_norm), printed as JSON."""
     from tspeft_rt.evaluate import evaluate_endpoint, evaluate_tasks
 
+    if out and not out.parent.is_dir():  # checked before the evaluation, whose results would be lost
+        raise TspeftError(f"--out {out}: the folder {out.parent} does not exist")
+
     if endpoint:
         if adapter_dir or not served_name:
             raise click.UsageError("--endpoint takes --served-name (the served adapter or model), not --adapter")
@@ -188,9 +191,12 @@ def evaluate(model, adapter_dir, endpoint, served_name, tasks, limit, batch_size
         hf_model, tok, _ = load_model_with_adapter(model, adapter_dir)
         result = evaluate_tasks(hf_model, tok, tasks.split(","), limit, batch_size, progress=True)
     text = json.dumps(result, indent=1)
-    if out:
-        out.write_text(text)
     click.echo(text)
+    if out:
+        try:
+            out.write_text(text)
+        except OSError as e:
+            raise TspeftError(f"--out {out}: cannot write it ({e.strerror}); the results are printed above") from None
 
 
 @main.command(context_settings={"ignore_unknown_options": True})

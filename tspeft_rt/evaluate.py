@@ -92,11 +92,15 @@ def _post_json(url: str, body: dict) -> dict:
     req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=300) as r:
-            return json.load(r)
+            raw = r.read()
     except urllib.error.HTTPError as e:
         raise EvalError(f"{url}: HTTP {e.code}: {e.read().decode(errors='replace')[:300]}") from None
     except urllib.error.URLError as e:
         raise EvalError(f"{url}: cannot reach the server ({e.reason})") from None
+    try:
+        return json.loads(raw)
+    except (RecursionError, ValueError) as e:  # invalid JSON (JSONDecodeError is a ValueError), or too deep
+        raise EvalError(f"{url}: the server's response is not readable JSON ({type(e).__name__})") from None
 
 
 def mc_accuracy(score: Scorer, examples: list[MCExample]) -> dict[str, float]:
