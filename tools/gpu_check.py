@@ -255,7 +255,7 @@ def check_serving_path(T: int, K: int, slices: list[int], rank: int, dtype, devi
     set_median_taus(p, *reference_norms(p))
     gated = GatedSlots(p["A"], p["B"], slices, use_triton=True)
     for slot in range(L):
-        gated.set_slot(slot)
+        gated.set_slot(slot, [True] * len(slices))
         gated.set_gate(slot, [None] * len(slices) if slot == 0 else p["taus"][:, slot].tolist())
     p["taus"][:, 0] = 0.0
     batch, telemetry = SlotBatch(T, L, device), GateTelemetry()
