@@ -136,7 +136,7 @@ def make_layer(dora: bool, seed: int = 0) -> GatedLinear:
 
 def make_cfg(**kw) -> SimpleNamespace:
     cfg = dict(sparsity_lambda=0.0, target_skip=None, tau_warmup_steps=0, tau_init_quantile=None,
-               tau_lr=0.1, tau_max_step=0.5, lambda_lr=0.1, lambda_p=0.0)
+               tau_lr=0.1, tau_max_step=0.5, lambda_lr=0.1, lambda_p=0.0, lambda_i_max=1.0)
     cfg.update(kw)
     return SimpleNamespace(**cfg)
 

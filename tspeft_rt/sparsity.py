@@ -54,7 +54,6 @@ process and N processes with the same global batch take the same step.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import warnings
 from collections.abc import Callable
@@ -62,10 +61,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from tspeft_rt.config import TrainConfig
 from tspeft_rt.layers import TokenGate
-
-_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 
 
 def _distributed() -> bool:
@@ -97,13 +93,9 @@ class ThresholdController:
     def target_keep(self) -> float | None:
         return None if self.cfg.target_skip is None else 1.0 - float(self.cfg.target_skip)
 
-    @property
-    def lambda_i_max(self) -> float:
-        """The bound on |lambda_I| (config `lambda_i_max`; its default for configs without the field)."""
-        return float(getattr(self.cfg, "lambda_i_max", _DEFAULTS["lambda_i_max"]))
-
     def _clamp(self, lam_i: float) -> float:
-        bound = self.lambda_i_max
+        """lam_i within +-lambda_i_max (the anti-windup bound)."""
+        bound = float(self.cfg.lambda_i_max)
         return max(-bound, min(bound, lam_i))
 
     def init_quantile(self) -> float:
