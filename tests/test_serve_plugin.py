@@ -56,6 +56,25 @@ def test_renamed_private_name_fails_loudly(monkeypatch):
         plugin.register()
 
 
+@pytest.mark.parametrize("plugin_on,eager,mode", [(True, False, "DYNAMO_TRACE_ONCE"), (True, True, "NONE"),
+                                                   (False, False, "NONE")], ids=["plugin", "plugin-eager", "stock"])
+def test_cpu_compilation_stays_on_with_lora(tiny_model_dir, monkeypatch, plugin_on, eager, mode):
+    """vLLM on CPU turns compilation off whenever LoRA is enabled (stock); with the plugin a LoRA
+    config keeps vLLM's default compilation, and --enforce-eager still turns it off."""
+    from vllm.config import CompilationMode
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.platforms import current_platform
+
+    plugin.register()
+    cls = type(current_platform)
+    if not plugin_on:
+        monkeypatch.setattr(cls, "check_and_update_config", classmethod(cls.check_and_update_config.vllm_check))
+    config = EngineArgs(model=str(tiny_model_dir), dtype="float32", max_model_len=256, enable_lora=True,
+                        max_lora_rank=8, enforce_eager=eager).create_engine_config()
+    assert config.lora_config is not None
+    assert config.compilation_config.mode == CompilationMode[mode]
+
+
 def test_cpu_ops_give_unmapped_tokens_no_delta():
     """vLLM 0.32's bgmv_expand applies the last slot's adapter to slot -1; the plugin's wrapper does not."""
     torch.manual_seed(0)
@@ -73,14 +92,14 @@ def test_cpu_ops_give_unmapped_tokens_no_delta():
 
 def test_telemetry_attributes_slot_counts_to_adapters(tmp_path):
     t = GateTelemetry()
-    t.ensure_slots(2)
+    t.ensure_slots(2, "cpu")
     t.names.update({1: "ts", 2: "lora"})
     t.bind(0, 1)
-    t.record(0, 100, 40)
+    t.counters[:, 0] += torch.tensor([100, 40])  # what the layers add in forwards
     t.bind(0, 2)  # slot 0 changes hands: the 100 updates so far belong to "ts"
-    t.record(0, 10, 10)
+    t.counters[:, 0] += torch.tensor([10, 10])
     t.bind(1, 99)  # a warm-up adapter without a name is not reported
-    t.record(1, 5, 5)
+    t.counters[:, 1] += torch.tensor([5, 5])
     assert t.snapshot() == {"ts": {"updates": 100, "skipped": 60, "skip_rate": 0.6},
                             "lora": {"updates": 10, "skipped": 0, "skip_rate": 0.0}}
     write_stats(tmp_path / "s.json", t.snapshot())
@@ -88,24 +107,37 @@ def test_telemetry_attributes_slot_counts_to_adapters(tmp_path):
     assert read_stats(tmp_path / "missing.json") == {}
 
 
-def test_telemetry_reads_device_counters_and_never_writes_them():
-    """The Triton path counts in a device tensor (a CPU one here): a slot's counts are attributed when
-    it changes hands, the reporter's snapshot only reads, and a padded or base-only batch adds nothing."""
+def test_telemetry_reads_counters_and_never_writes_them():
+    """A slot's counts are attributed when it changes hands, the reporter's snapshot only reads (CPU
+    counters as they are: an idle server reports its last batch), and re-binding the same adapter
+    counts nothing twice."""
     t = GateTelemetry()
     t.ensure_slots(2, "cpu")
     t.names.update({1: "ts"})
     t.bind(0, 1)
-    t.device_counters[:, 0] += torch.tensor([50, 20])  # what the kernels add in a forward
-    t.record(0, 10, 5)  # and the PyTorch path, on the host
+    t.counters[:, 0] += torch.tensor([50, 20])
+    assert t.snapshot() == {"ts": {"updates": 50, "skipped": 30, "skip_rate": 0.6}}
+    t.counters[:, 0] += torch.tensor([10, 5])
     t.bind(0, None)  # slot 0 freed: its counts so far belong to "ts"
-    counters, host = t.device_counters.clone(), (list(t.routed), list(t.kept))
+    counters = t.counters.clone()
     expected = {"ts": {"updates": 60, "skipped": 35, "skip_rate": 35 / 60}}
     assert t.snapshot() == expected and t.snapshot() == expected
-    assert torch.equal(t.device_counters, counters) and (t.routed, t.kept) == host
+    assert torch.equal(t.counters, counters)
     t.bind(1, 1)
-    t.device_counters[:, 1] += torch.tensor([4, 4])
+    t.counters[:, 1] += torch.tensor([4, 4])
     t.bind(1, 1)  # re-bound to the same adapter: nothing counted twice
     assert t.snapshot()["ts"]["updates"] == 64
+
+
+def test_telemetry_counters_grow_and_keep_counts():
+    t = GateTelemetry()
+    t.ensure_slots(2, "cpu")
+    first = t.counters
+    t.ensure_slots(1, "cpu")
+    assert t.counters is first  # layers asking for fewer slots share the tensor their graphs read
+    t.counters[:, 1] += 3
+    t.ensure_slots(4, "cpu")
+    assert t.counters.tolist() == [[0, 3, 0, 0], [0, 3, 0, 0]] and len(t.slot_adapter) == 4
 
 
 def test_lora_rank_limit():

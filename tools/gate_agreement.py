@@ -3,16 +3,17 @@
     python tools/gate_agreement.py --adapter runs/demo/adapter [--model smollm2-135m-instruct] [--prompts 32]
 
 Training decides with ||m||^2 computed from the delta itself (`tspeft_rt.layers`, fp32). Serving
-decides with ||B h||^2 = h^T (B^T B) h from the Gram matrix (`tspeft_rt.kernels.gated_lora`, the CPU
-path and the Triton kernels' oracle), in the served dtype. Both compare against tau^2 ||W0 x + b||^2
-with `tspeft_rt.gate`'s helpers. For each adapted module, on the same inputs (the fp32 model's
-activations over validation prompts of the bundled tasks), this counts the decisions that differ:
+decides on CPU the same way, from the delta of the served dtype (`tspeft_rt.kernels.gated_lora`); the
+Triton kernels decide before any expand, with ||B h||^2 = h^T (B^T B) h from the Gram matrix (their
+math, in PyTorch here). All compare against tau^2 ||W0 x + b||^2 with `tspeft_rt.gate`'s helpers. For
+each adapted module, on the same inputs (the fp32 model's activations over validation prompts of the
+bundled tasks), this counts the decisions that differ from training's:
 
-    serving fp32: weights, activations and base output fp32 (what `tspeft-rt serve` runs on CPU)
-    serving bf16: the same inputs, weights and base output rounded to bf16 (a bf16 deployment's gate
-                  arithmetic; its activations would differ further, upstream of the gate)
+    cpu fp32 / gram fp32: weights, activations and base output fp32 (what `tspeft-rt serve` runs on CPU)
+    cpu bf16 / gram bf16: the same inputs, weights and base output rounded to bf16 (a bf16 deployment's
+                          gate arithmetic; its activations would differ further, upstream of the gate)
 
-Prints one line per precision: flips / decisions, and how many of the flips lie within 1% of tau.
+Prints one line per path and precision: flips / decisions, and how many of the flips lie within 1% of tau.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from tspeft_rt.data import load_task
 from tspeft_rt.gate import gate_keep, row_sq_norm
 from tspeft_rt.generate import load_model_with_adapter
 from tspeft_rt.inject import adapted_layers
-from tspeft_rt.kernels.gated_lora import PackedLoRA, slot_gate
+from tspeft_rt.kernels.gated_lora import PackedLoRA, gate_decisions, slice_sq_norms
 
 
 def capture_inputs(model, tokenizer, texts: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -48,8 +49,9 @@ def capture_inputs(model, tokenizer, texts: list[str]) -> dict[str, tuple[torch.
     return {name: (torch.cat([x for x, _ in pairs]), torch.cat([b for _, b in pairs])) for name, pairs in inputs.items()}
 
 
-def decisions(layer, x: torch.Tensor, base: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(training's decisions, serving's decisions in `dtype`, per token), and the ratio / tau."""
+def decisions(layer, x: torch.Tensor, base: torch.Tensor, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor],
+                                                                                        torch.Tensor]:
+    """({path: where its decisions in `dtype` differ from training's, per token}, the ratio / tau)."""
     a, b, tau = layer.lora_A.weight.float(), layer.lora_B.weight.float() * layer.scaling, layer.token_gate.tau
     with torch.no_grad():
         m = (x @ a.T) @ b.T
@@ -57,25 +59,27 @@ def decisions(layer, x: torch.Tensor, base: torch.Tensor, dtype: torch.dtype) ->
         packed = PackedLoRA(1, a.shape[0], a.shape[1], [b.shape[0]], dtype, "cpu")
         packed.set_slot(0, [a.to(dtype)], [b.to(dtype)])
         packed.set_gate(0, [float(tau)])
-        h = x.to(dtype) @ packed.a[0].T
-        serve = slot_gate(h, base.to(dtype), packed, 0)[:, 0]
+        base = base.to(dtype)
+        cpu = gate_decisions(base, x.to(dtype), packed, torch.zeros(len(x), dtype=torch.long))[1][:, 0]
+        h = (x.to(dtype) @ packed.a.T).float()
+        gram = gate_keep(((h @ packed.gram[0]) * h).sum(-1), slice_sq_norms(base, packed.offsets)[:, 0], tau)
         closeness = (row_sq_norm(m) / row_sq_norm(base).clamp_min(1e-30)).sqrt() / tau.clamp_min(1e-30)
-    return train != serve, closeness
+    return {"cpu": train != cpu, "gram": train != gram}, closeness
 
 
 def agreement(model, tokenizer, texts: list[str]) -> dict[str, dict[str, int]]:
-    """{precision: {decisions, flips, flips_within_1pct_of_tau}} over every gated module."""
+    """{path precision: {decisions, flips, flips_within_1pct_of_tau}} over every gated module."""
     captured = capture_inputs(model, tokenizer, texts)
     layers = adapted_layers(model)
     out = {}
-    for label, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        total = flips = near = 0
+    for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         for name, (x, base) in captured.items():
             flipped, closeness = decisions(layers[name], x, base, dtype)
-            total += flipped.numel()
-            flips += int(flipped.sum())
-            near += int((flipped & ((closeness - 1).abs() < 0.01)).sum())
-        out[label] = {"decisions": total, "flips": flips, "flips_within_1pct_of_tau": near}
+            for path, f in flipped.items():
+                r = out.setdefault(f"{path} {precision}", {"decisions": 0, "flips": 0, "flips_within_1pct_of_tau": 0})
+                r["decisions"] += f.numel()
+                r["flips"] += int(f.sum())
+                r["flips_within_1pct_of_tau"] += int((f & ((closeness - 1).abs() < 0.01)).sum())
     return out
 
 
@@ -90,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                                     args.prompts)]
     result = agreement(model, tokenizer, texts)
     for label, r in result.items():
-        print(f"serving {label}: {r['flips']} of {r['decisions']} gate decisions differ from training "
+        print(f"serving ({label}): {r['flips']} of {r['decisions']} gate decisions differ from training "
               f"({100 * r['flips'] / r['decisions']:.4f} %), {r['flips_within_1pct_of_tau']} of them within 1 % of tau")
     print(json.dumps(result))
     return 0

@@ -48,7 +48,7 @@ MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 import_repo()
 
 from tspeft_rt.gate import gate_keep, row_sq_norm  # noqa: E402
-from tspeft_rt.kernels.gated_lora import PackedLoRA, gated_lora, gram, group_by_slot, lora_segments  # noqa: E402
+from tspeft_rt.kernels.gated_lora import PackedLoRA, gated_lora, gram, lora_segments  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -159,10 +159,11 @@ def reference_norms(p: dict) -> tuple[torch.Tensor, torch.Tensor]:
         off.append(off[-1] + n)
     d2 = torch.zeros(len(p["slices"]), p["T"], device=p["x"].device)
     b2 = torch.stack([row_sq_norm(p["base"][:, off[s]:off[s + 1]]) for s in range(len(p["slices"]))])
-    for group in group_by_slot(p["slots"]):
+    for slot in range(p["L"]):
+        rows = p["slots"] == slot
         for s in range(len(p["slices"])):
-            h = (p["x"][group.rows] @ p["A"][s][group.slot, 0].T).float()
-            d2[s, group.rows] = ((h @ p["G"][s, group.slot]) * h).sum(-1)
+            h = (p["x"][rows] @ p["A"][s][slot, 0].T).float()
+            d2[s, rows] = ((h @ p["G"][s, slot]) * h).sum(-1)
     return d2, b2
 
 
@@ -215,11 +216,9 @@ def serving_errors(p: dict, out: torch.Tensor, ref: torch.Tensor, counters: torc
 def pytorch_path(p: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(output, counters [2, L]) of the PyTorch path (`gated_lora`) on problem p."""
     ref = p["base"].clone()
-    groups = group_by_slot(p["slots"])
-    counters = torch.zeros(2, p["L"], dtype=torch.int64)
-    for group, counts in zip(groups, gated_lora(ref, p["x"], packed_reference(p), groups)):
-        counters[:, group.slot] = torch.tensor(counts)
-    return ref, counters
+    counters = torch.zeros(2, p["L"], dtype=torch.int64, device=ref.device)
+    gated_lora(ref, p["x"], packed_reference(p), p["slots"], counters)
+    return ref, counters.cpu()
 
 
 def check_serving(p: dict, name: str) -> dict:
@@ -282,11 +281,11 @@ def check_serving_path(T: int, K: int, slices: list[int], rank: int, dtype, devi
         batch.update(slots)
         x.copy_(p["x"])
         out.copy_(p["base"])
-        telemetry.device_counters.zero_()
+        telemetry.counters.zero_()
         replay()
         q = dict(p, slots=slots, x=p["x"][:n], base=p["base"][:n], T=n)
         ref, counters_ref = pytorch_path(q)
-        errs, _ = serving_errors(q, out[:n], ref, telemetry.device_counters, counters_ref)
+        errs, _ = serving_errors(q, out[:n], ref, telemetry.counters, counters_ref)
         if not torch.equal(out[n:], p["base"][n:]):
             errs.append("padding rows written")
         errors += [f"{what}: {e}" for e in errs]
@@ -370,9 +369,8 @@ def time_serving(timer: Timer, T: int, rank: int, slices: list[int], K: int, dev
     row["cublas_lora_ms"] = timer(torch_lora) - reset_ms
     moved = (p["x"].numel() + 2 * p["base"].numel()) * 2  # x in, output in and out (fp16)
     row["dense_GBps"] = moved / row["dense_ms"] / 1e6
-    groups = group_by_slot(p["slots"])
     packed = packed_reference(dict(p, taus=taus))
-    row["pytorch_path_ms"] = timer(lambda: gated_lora(out, p["x"], packed, groups), graph=False)
+    row["pytorch_path_ms"] = timer(lambda: gated_lora(out, p["x"], packed, p["slots"]), graph=False)
     return row
 
 
