@@ -29,7 +29,9 @@ through the adapter except for the base configurations:
 
 Configurations run in rounds (base-default, base-eager, stock, plugin, gated, base-default, ...) so
 drift on this shared machine hits them alike; each figure is the median over rounds, each ratio the
-median of per-round ratios.
+median of per-round ratios. Nothing else may run on the machine meanwhile: vLLM's CPU worker threads
+spin at barriers, so even a low-priority process on one core slows a run many times over. Each
+engine's own log goes to `<out without .json>/<scale>-<config>-round<n>.log`.
 """
 
 from __future__ import annotations
@@ -147,9 +149,12 @@ def bench_scale(scale: str, args, tmp: Path) -> dict:
             cmd = [sys.executable, __file__, "--child", f"{config}:{model}:{served}", "--n", str(args.n),
                    "--prefill-len", str(args.prefill_len), "--decode-len", str(args.decode_len)]
             out = subprocess.run(cmd, env=child_env(config), capture_output=True, text=True)
+            log = Path(args.out).with_suffix("") / f"{scale}-{config}-round{r + 1}.log"  # vLLM's own log
+            log.parent.mkdir(parents=True, exist_ok=True)
+            log.write_text(out.stdout + out.stderr)
             line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
             if line is None:
-                sys.exit(f"{scale} {config} failed:\n{out.stderr[-3000:]}")
+                sys.exit(f"{scale} {config} failed; its log: {log}\n{out.stderr[-3000:]}")
             runs[config].append(json.loads(line[7:]))
             print(f"{scale} round {r + 1} {config:13s} " + " ".join(f"{k} {v:.4g}" for k, v in runs[config][-1].items()),
                   flush=True)
