@@ -96,7 +96,7 @@ def check_version(version: str) -> None:
 def _compile_with_lora_on_cpu(platform: type) -> None:
     """Keep vLLM's default CPU compilation (Inductor, traced once) when LoRA is enabled: vLLM's own
     configuration step runs as if LoRA were off, and the LoRA config is put back afterwards."""
-    if getattr(platform.check_and_update_config, "_tspeft_rt", False):
+    if hasattr(platform.check_and_update_config, "vllm_check"):  # already wrapped
         return
     vllm_check = platform.check_and_update_config.__func__
 
@@ -108,7 +108,6 @@ def _compile_with_lora_on_cpu(platform: type) -> None:
         finally:
             vllm_config.lora_config = lora_config
 
-    check_and_update_config._tspeft_rt = True
     check_and_update_config.vllm_check = vllm_check
     platform.check_and_update_config = classmethod(check_and_update_config)
 
