@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tspeft_rt.data import (IGNORE, TASK_DIRS, MCExample, TextExample, batch_indices, collate, epoch_order,
-                            load_jsonl, load_task, mc_to_text, tokenize, training_examples)
+                            load_data_file, load_task, mc_to_text, tokenize, training_examples)
 from tspeft_rt.errors import DataError, TspeftError
 
 TASKS = ["boolq", "piqa", "siqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"]
@@ -107,7 +107,7 @@ def write_lines(tmp_path, lines: list[str], name: str = "train.jsonl"):
 def test_load_jsonl_prompt_completion(tmp_path):
     rows = [{"prompt": "Q: 1+1?\nA:", "completion": " 2"}, {"prompt": "", "completion": "hello"}]
     path = write_lines(tmp_path, [json.dumps(r) for r in rows])
-    out = load_jsonl(path)
+    out = load_data_file(path)
     assert out == [TextExample(prompt=r["prompt"], completion=r["completion"]) for r in rows]
 
 
@@ -115,7 +115,7 @@ def test_load_jsonl_messages(tmp_path):
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
             {"role": "assistant", "content": "Hello"}]
     path = write_lines(tmp_path, [json.dumps({"messages": msgs})])
-    out = load_jsonl(str(path))
+    out = load_data_file(str(path))
     assert len(out) == 1
     assert out[0].messages == msgs
 
@@ -123,7 +123,7 @@ def test_load_jsonl_messages(tmp_path):
 def test_load_jsonl_mixed_formats_and_blank_lines(tmp_path):
     lines = [json.dumps({"prompt": "a", "completion": "b"}), "", "   ",
              json.dumps({"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "v"}]})]
-    out = load_jsonl(write_lines(tmp_path, lines))
+    out = load_data_file(write_lines(tmp_path, lines))
     assert len(out) == 2
     assert out[0].completion == "b" and out[0].messages is None
     assert out[1].messages[-1]["content"] == "v"
@@ -159,7 +159,7 @@ def test_load_jsonl_malformed(tmp_path, lines, lineno, fragment):
         path.parent.mkdir()
         path.write_text("".join(line + "\n" for line in lines))
     with pytest.raises(DataError) as ei:
-        load_jsonl(path)
+        load_data_file(path)
     msg = str(ei.value)
     assert str(path) in msg
     if lineno is not None:
@@ -171,7 +171,8 @@ def test_load_jsonl_malformed(tmp_path, lines, lineno, fragment):
 def test_training_examples_from_files_seeded_shuffle_and_limit(tmp_path):
     a = write_lines(tmp_path, [json.dumps({"prompt": f"a{i}", "completion": "x"}) for i in range(6)], "a.jsonl")
     b = write_lines(tmp_path, [json.dumps({"prompt": f"b{i}", "completion": "y"}) for i in range(4)], "b.jsonl")
-    cfg = SimpleNamespace(data_files=[str(a), str(b)], tasks=["arc_easy"], seed=0, max_train_examples=None)
+    cfg = SimpleNamespace(data_files=[str(a), str(b)], tasks=["arc_easy"], seed=0, max_train_examples=None,
+                          data_columns={})
     full = training_examples(cfg)
     assert sorted(e.prompt for e in full) == sorted([f"a{i}" for i in range(6)] + [f"b{i}" for i in range(4)])
     assert [e.prompt for e in training_examples(cfg)] == [e.prompt for e in full]

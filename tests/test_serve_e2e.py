@@ -320,6 +320,38 @@ def test_eval_endpoint_agrees_with_hugging_face_path(server, adapters):
     assert evaluate_endpoint(server.url, "gated", tok, tasks, 12) == evaluate_tasks(model, tok, tasks, 12)
 
 
+def test_lm_eval_agrees_on_both_paths_and_with_eval(server, adapters, bundled_dir):
+    """lm-evaluation-harness through the endpoint (its own local-completions) = lm-eval on the Hugging Face
+    path (model `tspeft`, gates applied) = `tspeft-rt eval`: per task acc on the same examples, and lm-eval's
+    per-choice log-likelihoods equal tspeft-rt's."""
+    import lm_eval
+
+    from tspeft_rt.data import load_task
+    from tspeft_rt.evaluate import choice_logliks, evaluate_tasks
+    from tspeft_rt.harness import task_manager
+
+    tasks, limit = ["arc_easy", "winogrande"], 12
+
+    def run(model: str, model_args: dict) -> dict:
+        out = lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=[f"tspeft_{t}" for t in tasks],
+                                      limit=limit, task_manager=task_manager(), batch_size=8, device="cpu",
+                                      log_samples=True)
+        lls = [ll for doc in out["samples"]["tspeft_arc_easy"] for ll, _ in doc["filtered_resps"]]
+        return {t: out["results"][f"tspeft_{t}"]["acc,none"] for t in tasks}, lls
+
+    hf, hf_lls = run("tspeft", {"adapter": str(adapters["gated"])})
+    served, served_lls = run("local-completions", {
+        "model": "gated", "base_url": f"{server.url}/v1/completions", "tokenizer": str(bundled_dir),
+        "tokenizer_backend": "huggingface", "num_concurrent": 4, "max_retries": 1})
+    model, tok, _ = load_model_with_adapter(BUNDLED_MODEL, str(adapters["gated"]))
+    ours = evaluate_tasks(model, tok, tasks, limit)
+    assert hf == served == {t: ours[t]["acc"] for t in tasks}
+    lls = choice_logliks(model, tok, [(c.context, c.continuation) for ex in load_task("arc_easy", "validation", limit)
+                                      for c in ex.choices])
+    assert max(abs(a - b) for a, b in zip(hf_lls, lls)) < 1e-4
+    assert max(abs(a - b) for a, b in zip(served_lls, lls)) < 1e-3
+
+
 def test_shutdown_leaves_no_process(server):
     """No process of the server's group runs after stop (a zombie left for this machine's init to reap
     is dead: it runs nothing and holds no port)."""

@@ -30,10 +30,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 from tspeft_rt import __version__
-from tspeft_rt.config import is_finite_number, is_pattern, is_positive_int, is_positive_number, is_rate, is_str_list
+from tspeft_rt.config import is_finite_number, is_pattern, is_positive_int, is_positive_number, is_rate, \
+    is_regex, is_str_list
 from tspeft_rt.errors import TspeftError, read_json, shown
 from tspeft_rt.gate import EPS
-from tspeft_rt.inject import pattern_value, track_valid_tokens
+from tspeft_rt.inject import pattern_value, targeted, track_valid_tokens, unmatched_targets
 from tspeft_rt.layers import GateContext, GatedLinear
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -165,7 +166,8 @@ def _check_config(path: Path, cfg: dict) -> None:
     need("peft_type", cfg.get("peft_type") == "LORA", '"LORA"')
     need("r", is_positive_int(cfg.get("r")), "a positive integer")
     need("lora_alpha", is_positive_number(cfg.get("lora_alpha")), "a finite number > 0")
-    need("target_modules", is_str_list(cfg.get("target_modules")), "a list of module paths")
+    need("target_modules", is_str_list(cfg.get("target_modules")) or is_regex(cfg.get("target_modules")),
+         "a list of module names or paths, or a regular expression (PEFT's forms)")
     need("use_dora", isinstance(cfg.get("use_dora", False), bool), "true or false")
     need("use_rslora", isinstance(cfg.get("use_rslora", False), bool), "true or false")
     need("bias", cfg.get("bias", "none") == "none", '"none"')
@@ -228,17 +230,23 @@ def load_adapter(path: str | Path) -> Adapter:
             raise AdapterError(f"{wpath}: unexpected key {key!r}; expected {PREFIX}<module>.lora_A.weight, "
                                ".lora_B.weight or .lora_magnitude_vector")
         grouped.setdefault(m.group(1), {})[m.group(2)] = t
-    targets = set(config["target_modules"])
     if not grouped:
         raise AdapterError(f"{wpath}: holds no adapted modules")
-    if set(grouped) != targets:
-        missing, extra = sorted(targets - set(grouped)), sorted(set(grouped) - targets)
-        raise AdapterError(f"{wpath}: modules do not match target_modules in {ADAPTER_CONFIG}: "
-                           f"missing weights for {missing[:3]}, weights not in target_modules {extra[:3]}")
+    _check_targets(wpath, config["target_modules"], sorted(grouped))
     dora = config.get("use_dora", False)
     modules = {name: _module(wpath, name, parts, config, dora) for name, parts in sorted(grouped.items())}
     gate_config = _load_gates(path, modules)
     return Adapter(path, config, modules, gate_config)
+
+
+def _check_targets(wpath: Path, targets: str | list[str], modules: list[str]) -> None:
+    """Every module with weights is one `target_modules` selects, and every listed target has weights (a
+    listed name with no weights anywhere is a damaged or mislabelled adapter)."""
+    extra = [m for m in modules if not targeted(m, targets)]
+    missing = unmatched_targets(targets, modules)
+    if extra or missing:
+        raise AdapterError(f"{wpath}: modules do not match target_modules in {ADAPTER_CONFIG}: "
+                           f"missing weights for {missing[:3]}, weights not in target_modules {extra[:3]}")
 
 
 def _module(wpath: Path, name: str, parts: dict, config: dict, dora: bool) -> ModuleAdapter:
@@ -324,23 +332,12 @@ def attach_adapter(model: nn.Module, adapter: Adapter, context: GateContext | No
     context = context or GateContext()
     layers = {}
     for name, m in adapter.modules.items():
-        try:
-            base = model.get_submodule(name)
-        except AttributeError:
-            raise AdapterError(f"{adapter.path / ADAPTER_WEIGHTS}: module {name!r} does not exist in the base model") from None
-        if not isinstance(base, nn.Linear):
-            raise AdapterError(f"{adapter.path / ADAPTER_WEIGHTS}: module {name!r} is a {type(base).__name__}, expected nn.Linear")
-        if m.lora_A.shape[1] != base.in_features or m.lora_B.shape[0] != base.out_features:
-            raise AdapterError(f"{adapter.path / ADAPTER_WEIGHTS}: {name}: adapter maps {m.lora_A.shape[1]} -> "
-                               f"{m.lora_B.shape[0]} features, the base module {base.in_features} -> {base.out_features}")
+        base = _fitting_base(model.get_submodule, adapter, name)
         layer = GatedLinear(base, rank=m.rank, alpha=m.alpha, dora=m.magnitude is not None, gated=adapter.gated,
                             use_rslora=use_rslora, context=context)
-        with torch.no_grad():
-            layer.lora_A.weight.copy_(m.lora_A)
-            layer.lora_B.weight.copy_(m.lora_B)
-            if m.magnitude is not None:
-                layer.lora_magnitude_vector.copy_(m.magnitude)
-            if layer.token_gate is not None:
+        _copy_weights(layer, m)
+        if layer.token_gate is not None:
+            with torch.no_grad():
                 layer.token_gate.tau.fill_(m.tau)
         layers[name] = layer
     for name, layer in layers.items():
@@ -350,6 +347,38 @@ def attach_adapter(model: nn.Module, adapter: Adapter, context: GateContext | No
     track_valid_tokens(model, context)
     return list(layers)
 
+
+def load_weights(layers: dict[str, GatedLinear], adapter: Adapter, model_config: Any) -> None:
+    """Copy `adapter`'s weights (not its thresholds) into `layers`, layers injected for exactly its modules
+    with its ranks (training from an existing adapter: `TrainConfig.init_adapter`)."""
+    check_identity(adapter, model_config)
+    for name, m in adapter.modules.items():
+        _fitting_base(lambda n: layers[n].base_layer, adapter, name)
+        _copy_weights(layers[name], m)
+
+
+def _fitting_base(get_module, adapter: Adapter, name: str) -> nn.Linear:
+    """The base `nn.Linear` adapter module `name` goes on, checked to exist and to fit its shapes."""
+    where = adapter.path / ADAPTER_WEIGHTS
+    try:
+        base = get_module(name)
+    except (AttributeError, KeyError):
+        raise AdapterError(f"{where}: module {name!r} does not exist in the base model") from None
+    if not isinstance(base, nn.Linear):
+        raise AdapterError(f"{where}: module {name!r} is a {type(base).__name__}, expected nn.Linear")
+    m = adapter.modules[name]
+    if m.lora_A.shape[1] != base.in_features or m.lora_B.shape[0] != base.out_features:
+        raise AdapterError(f"{where}: {name}: adapter maps {m.lora_A.shape[1]} -> {m.lora_B.shape[0]} features, "
+                           f"the base module {base.in_features} -> {base.out_features}")
+    return base
+
+
+@torch.no_grad()
+def _copy_weights(layer: GatedLinear, m: ModuleAdapter) -> None:
+    layer.lora_A.weight.copy_(m.lora_A)
+    layer.lora_B.weight.copy_(m.lora_B)
+    if m.magnitude is not None:
+        layer.lora_magnitude_vector.copy_(m.magnitude)
 
 
 def describe(adapter: Adapter) -> dict:

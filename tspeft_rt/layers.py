@@ -106,8 +106,9 @@ class _GatedLoraFn(torch.autograd.Function):
             gh = gB.index_select(0, idx) * s
         else:
             gh = g.index_select(0, idx) @ B * s
-        grad_A = gh.t() @ x.index_select(0, idx)
-        grad_B = (g.index_select(0, idx).t() @ h.index_select(0, idx)) * s
+        # frozen weights (init_adapter with train_weights false) need no gradient: only tau learns
+        grad_A = gh.t() @ x.index_select(0, idx) if ctx.needs_input_grad[2] else None
+        grad_B = (g.index_select(0, idx).t() @ h.index_select(0, idx)) * s if ctx.needs_input_grad[3] else None
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = x.new_zeros(x.shape).index_copy_(0, idx, gh @ A)

@@ -13,6 +13,7 @@ accumulation and N processes take exactly the same step. Data order is a pure fu
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 import yaml
 from tqdm import tqdm
 
+from tspeft_rt.adapter import Adapter, load_adapter, load_weights
 from tspeft_rt.checkpoint import append_log, atomic_write_text, latest_checkpoint, load_checkpoint, read_log, \
     rewrite_log, rng_state, save_checkpoint, set_rng_state
 from tspeft_rt.config import TrainConfig
@@ -57,6 +59,18 @@ def setup_distributed() -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size())
 
 
+def adopt_adapter_shape(cfg: TrainConfig, adapter: Adapter) -> TrainConfig:
+    """`cfg` with the modules, ranks and scaling of the adapter it starts from (`init_adapter`)."""
+    if adapter.dora != cfg.dora:
+        raise ConfigError(f"init_adapter {cfg.init_adapter!r} holds a {'DoRA' if adapter.dora else 'LoRA'} adapter, "
+                          f"method {cfg.method!r} trains {'DoRA' if cfg.dora else 'LoRA'}: choose "
+                          f"{'ts-dora or dora' if adapter.dora else 'ts-lora or lora'}", "init_adapter")
+    c = adapter.config
+    return dataclasses.replace(cfg, target_modules=sorted(adapter.modules), rank=c["r"], alpha=float(c["lora_alpha"]),
+                               rank_pattern=c.get("rank_pattern") or {}, alpha_pattern=c.get("alpha_pattern") or {},
+                               use_rslora=bool(c.get("use_rslora")))
+
+
 def lr_factor(cfg: TrainConfig, step: int) -> float:
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
@@ -80,10 +94,17 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
         self.model, self.tokenizer = load_base_model(cfg.model, dtype)
+        init = load_adapter(cfg.init_adapter) if cfg.init_adapter else None
+        if init is not None:
+            cfg = self.cfg = adopt_adapter_shape(cfg, init)
         self.modules = inject_adapters(self.model, AdapterSpec.from_config(cfg))
+        if init is not None:
+            load_weights(adapted_layers(self.model), init, self.model.config)
         self.model.to(self.device)
         self.layers = adapted_layers(self.model)
         weights, taus = adapter_parameters(self.model)
+        for w in weights:
+            w.requires_grad_(cfg.train_weights)
         self.weights = weights
         self.optimizer = torch.optim.AdamW(weights, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(cfg, s))
@@ -97,6 +118,9 @@ class Trainer:
         self.tensorboard = _tensorboard(self.out) if self.dist.main else None
         self.ddp = torch.nn.parallel.DistributedDataParallel(self.model) if self.dist.world > 1 else None
         trainable, total = count_parameters(self.model)
+        if init is not None:
+            self.log(f"init_adapter {cfg.init_adapter}: {init.kind}, rank {cfg.rank}, weights loaded"
+                     + ("" if cfg.train_weights else " and frozen (train_weights false: only the thresholds learn)"))
         self.log(f"{cfg.method}: {len(self.modules)} modules adapted, trainable parameters {trainable:,} "
                  f"of {total:,} ({100 * trainable / total:.2f}%); {len(self.examples):,} training examples")
 
