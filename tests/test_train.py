@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from tspeft_rt.checkpoint import latest_checkpoint
 from tspeft_rt.config import build_config
 from tspeft_rt.errors import CheckpointError, ConfigError, TrainingDiverged
-from tspeft_rt.trainer import train
+from tspeft_rt.trainer import seed_step, train
 
 BIN = Path(sys.executable).parent
 
@@ -65,19 +65,25 @@ def test_runs_and_gates(tiny_model_dir, tmp_path, method):
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
 
 
-def test_resume_after_sigkill_is_exact(tiny_model_dir, tmp_path):
-    cfg = tiny_config(tiny_model_dir, tmp_path / "whole", steps=40, save_every=4, micro_batch_size=1)
-    train(build_config(cfg, "test"))
-
-    killed = dict(cfg, output_dir=str(tmp_path / "killed"))
-    proc = subprocess.Popen([BIN / "tspeft-rt", "train", *cli_args(killed)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    pointer = tmp_path / "killed" / "checkpoints" / "latest"
+def kill_after_checkpoint(cmd: list, out: Path, step: int, env: dict | None = None) -> None:
+    """Start `cmd` in its own process group and SIGKILL the group once `out` holds the checkpoint of
+    `step`, before the run ends."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env)
+    pointer = out / "checkpoints" / "latest"
     deadline = time.monotonic() + 300
-    while not (pointer.is_file() and pointer.read_text() >= "step-000008") and time.monotonic() < deadline:
+    while not (pointer.is_file() and pointer.read_text() >= f"step-{step:06d}") and time.monotonic() < deadline:
         time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+
+
+def test_resume_after_sigkill_is_exact(tiny_model_dir, tmp_path):
+    """With dropout on: a resumed run draws the dropout masks the uninterrupted one drew."""
+    cfg = tiny_config(tiny_model_dir, tmp_path / "whole", steps=40, save_every=4, micro_batch_size=1, dropout=0.1)
+    train(build_config(cfg, "test"))
+
+    killed = dict(cfg, output_dir=str(tmp_path / "killed"))
+    kill_after_checkpoint([BIN / "tspeft-rt", "train", *cli_args(killed)], tmp_path / "killed", 8)
     assert int(latest_checkpoint(tmp_path / "killed").name.split("-")[1]) < 40
 
     subprocess.run([BIN / "tspeft-rt", "train", *cli_args(killed), "--resume"], check=True,
@@ -85,14 +91,45 @@ def test_resume_after_sigkill_is_exact(tiny_model_dir, tmp_path):
     assert_same_adapter(final_adapter(tmp_path / "killed"), final_adapter(tmp_path / "whole"), 1e-6)
 
 
-def test_torchrun_two_processes_equal_one(tiny_model_dir, tmp_path):
-    cfg = tiny_config(tiny_model_dir, tmp_path / "one", steps=5, batch_size=4, micro_batch_size=2)
-    train(build_config(cfg, "test"))
-    two = dict(cfg, output_dir=str(tmp_path / "two"))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    subprocess.run([BIN / "torchrun", "--standalone", "--nproc-per-node", "2", "-m", "tspeft_rt.cli", "train",
-                    *cli_args(two)], check=True, env=env, stdout=subprocess.DEVNULL, timeout=600)
+def torchrun(cfg: dict, *extra: str) -> list:
+    return [BIN / "torchrun", "--standalone", "--nproc-per-node", "2", "-m", "tspeft_rt.cli", "train",
+            *cli_args(cfg), *extra]
+
+
+@pytest.mark.parametrize("distributed", ["ddp", "fsdp"])
+def test_torchrun_two_processes_equal_one(tiny_model_dir, tmp_path, distributed):
+    """DDP, and FSDP2 with the base sharded, at 2 processes = 1 process with accumulation after 10 steps
+    (evaluations included: under FSDP every process takes part in their forwards)."""
+    cfg = tiny_config(tiny_model_dir, tmp_path / "one", steps=10, batch_size=4, micro_batch_size=2,
+                      eval_examples=4, eval_every=5)
+    one = train(build_config(cfg, "test"))
+    two = dict(cfg, output_dir=str(tmp_path / "two"), distributed=distributed)
+    subprocess.run(torchrun(two), check=True, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
+                   timeout=600)
     assert_same_adapter(final_adapter(tmp_path / "two"), final_adapter(tmp_path / "one"), 1e-5)
+    assert json.loads((tmp_path / "two" / "results.json").read_text())["eval"] == one["eval"]
+
+
+def test_fsdp_resume_after_sigkill_is_exact(tiny_model_dir, tmp_path):
+    """torchrun with FSDP2 and dropout, its process group killed after a checkpoint, resumed = uninterrupted."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cfg = tiny_config(tiny_model_dir, tmp_path / "whole", steps=16, save_every=2, distributed="fsdp", dropout=0.1)
+    subprocess.run(torchrun(cfg), check=True, env=env, stdout=subprocess.DEVNULL, timeout=600)
+    killed = dict(cfg, output_dir=str(tmp_path / "killed"))
+    kill_after_checkpoint(torchrun(killed), tmp_path / "killed", 4, env)
+    subprocess.run(torchrun(killed, "--resume"), check=True, env=env, stdout=subprocess.DEVNULL, timeout=600)
+    assert_same_adapter(final_adapter(tmp_path / "killed"), final_adapter(tmp_path / "whole"), 1e-6)
+
+
+def test_dropout_streams_per_step_and_process():
+    """Each (step, process) draws its own dropout masks, the same ones whenever it runs again."""
+    def mask(step: int, rank: int) -> torch.Tensor:
+        seed_step(0, step, rank)
+        return torch.nn.functional.dropout(torch.ones(256), 0.5)
+
+    assert torch.equal(mask(3, 1), mask(3, 1))
+    assert not torch.equal(mask(3, 0), mask(3, 1))
+    assert not torch.equal(mask(3, 0), mask(4, 0))
 
 
 def test_leftover_partial_checkpoint_is_ignored(tiny_model_dir, tmp_path):

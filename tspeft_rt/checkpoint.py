@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import shutil
 import tempfile
@@ -55,15 +54,6 @@ def atomic_write_text(path: Path, text: str) -> None:
     _fsync_file(tmp)
     os.replace(tmp, path)
     _fsync_dir(path.parent)
-
-
-def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate()}
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
 
 
 def save_checkpoint(root: Path, step: int, adapter: dict[str, torch.Tensor], trainer: dict, meta: dict,

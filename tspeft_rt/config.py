@@ -89,6 +89,9 @@ class TrainConfig:
     lr_schedule: str = _f("cosine", "cosine | linear | constant, after warmup_steps of linear warm-up.")
     warmup_steps: int = _f(5, "Linear learning-rate warm-up steps.")
     max_grad_norm: float = _f(1.0, "Gradient clipping of the adapter weights (0 disables).")
+    distributed: str = _f("ddp", "Under torchrun: ddp (every process holds the whole model; DistributedDataParallel) "
+                          "or fsdp (PyTorch FSDP2: the frozen base sharded across the processes, layer by layer; "
+                          "the adapters and thresholds whole on each). Ignored with one process.")
     dtype: str = _f("fp32", "fp32 or bf16 (base weights in bf16, adapter weights and gate math in fp32).")
     seed: int = _f(0, "Seed of initialisation, data order and dropout.")
     # evaluation, logging, checkpoints
@@ -128,6 +131,7 @@ class TrainConfig:
             (self.prompt_format in ("plain", "chat"), "prompt_format", "plain or chat"),
             (self.lr_schedule in ("cosine", "linear", "constant"), "lr_schedule", "cosine, linear or constant"),
             (self.dtype in ("fp32", "bf16"), "dtype", "fp32 or bf16"),
+            (self.distributed in ("ddp", "fsdp"), "distributed", "ddp or fsdp"),
             (self.steps > 0, "steps", "a positive integer"),
             (self.batch_size > 0, "batch_size", "a positive integer"),
             (self.micro_batch_size > 0, "micro_batch_size", "a positive integer"),

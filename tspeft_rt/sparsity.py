@@ -75,10 +75,12 @@ class ThresholdController:
     warnings are issued with `warnings.warn` and the other messages dropped.
     """
 
-    def __init__(self, gates: dict[str, TokenGate], cfg, log: Callable[[str], None] | None = None) -> None:
+    def __init__(self, gates: dict[str, TokenGate], cfg, log: Callable[[str], None] | None = None,
+                 group: dist.ProcessGroup | None = None) -> None:
         self.gates = gates
         self.cfg = cfg
         self.log = log
+        self.group = group  # for the host-side counts and ratios (a gloo group under NCCL; None: the default)
         self.lam_i = float(cfg.sparsity_lambda)  # the integral part in target mode
         if self.target_keep is not None:
             self.lam_i = self._clamp(self.lam_i)
@@ -119,7 +121,7 @@ class ThresholdController:
         stats = [g.reset_stats() for g in gates]
         t = torch.tensor([[s.kept, s.valid, s.density] for s in stats], dtype=torch.float64)
         if _distributed():
-            dist.all_reduce(t)
+            dist.all_reduce(t, group=self.group)
         valid = t[:, 1].clamp_min(1.0)
         keep_l, rho_l = t[:, 0] / valid, t[:, 2] / valid
         self.window += t[:, :2]
@@ -157,10 +159,10 @@ class ThresholdController:
         q = self.init_quantile()
         missing = []
         for name, s in zip(names, stats):
-            ratios = torch.cat(s.log_ratios) if s.log_ratios else torch.empty(0)
+            ratios = torch.cat(s.log_ratios).cpu() if s.log_ratios else torch.empty(0)  # host: the gloo group's
             if _distributed():
-                parts = [None] * dist.get_world_size()
-                dist.all_gather_object(parts, ratios)
+                parts = [None] * dist.get_world_size(self.group)
+                dist.all_gather_object(parts, ratios, group=self.group)
                 ratios = torch.cat(parts)
             ratios = ratios[torch.isfinite(ratios)]
             if ratios.numel():

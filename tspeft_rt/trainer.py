@@ -1,4 +1,4 @@
-"""The training loop of `tspeft-rt train`: one process or many under torchrun (DDP).
+"""The training loop of `tspeft-rt train`: one process or many under torchrun (DDP or FSDP2: distributed.py).
 
     tspeft-rt train configs/ts_lora_arc_easy.yaml
     tspeft-rt train configs/ts_lora_arc_easy.yaml --resume
@@ -7,19 +7,17 @@
 One optimizer step consumes `batch_size` examples over all processes (each process takes its slice
 of the same global batch, in `micro_batch_size` pieces). The loss is the sum of token losses on the
 completions divided by the global number of completion tokens, so one process with gradient
-accumulation and N processes take exactly the same step. Data order is a pure function of
-(seed, step): a resumed run reads the same batches as an uninterrupted one.
+accumulation and N processes take exactly the same step. Data order and dropout are pure functions of
+(seed, step): a resumed run reads the same batches and draws the same masks as an uninterrupted one.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
-import os
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -30,33 +28,15 @@ from tqdm import tqdm
 
 from tspeft_rt.adapter import Adapter, load_adapter, load_weights
 from tspeft_rt.checkpoint import append_log, atomic_write_text, latest_checkpoint, load_checkpoint, read_log, \
-    rewrite_log, rng_state, save_checkpoint, set_rng_state
+    rewrite_log, save_checkpoint
 from tspeft_rt.config import TrainConfig
 from tspeft_rt.data import IGNORE, batch_indices, collate, tokenize, training_examples
+from tspeft_rt.distributed import average_gradients, seed_step, setup_distributed, shard_base
 from tspeft_rt.errors import CheckpointError, ConfigError, TrainingDiverged
 from tspeft_rt.evaluate import evaluate_tasks
 from tspeft_rt.inject import AdapterSpec, adapted_layers, adapter_parameters, adapter_state_dict, \
     count_parameters, inject_adapters, load_base_model
 from tspeft_rt.sparsity import ThresholdController
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed() -> Dist:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist()
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size())
 
 
 def adopt_adapter_shape(cfg: TrainConfig, adapter: Adapter) -> TrainConfig:
@@ -66,9 +46,9 @@ def adopt_adapter_shape(cfg: TrainConfig, adapter: Adapter) -> TrainConfig:
                           f"method {cfg.method!r} trains {'DoRA' if cfg.dora else 'LoRA'}: choose "
                           f"{'ts-dora or dora' if adapter.dora else 'ts-lora or lora'}", "init_adapter")
     c = adapter.config
-    return dataclasses.replace(cfg, target_modules=sorted(adapter.modules), rank=c["r"], alpha=float(c["lora_alpha"]),
-                               rank_pattern=c.get("rank_pattern") or {}, alpha_pattern=c.get("alpha_pattern") or {},
-                               use_rslora=bool(c.get("use_rslora")))
+    return replace(cfg, target_modules=sorted(adapter.modules), rank=c["r"], alpha=float(c["lora_alpha"]),
+                   rank_pattern=c.get("rank_pattern") or {}, alpha_pattern=c.get("alpha_pattern") or {},
+                   use_rslora=bool(c.get("use_rslora")))
 
 
 def lr_factor(cfg: TrainConfig, step: int) -> float:
@@ -89,9 +69,8 @@ class Trainer:
         if cfg.batch_size % self.dist.world:
             raise ConfigError(f"batch_size {cfg.batch_size} must be divisible by the {self.dist.world} processes")
         self.out = Path(cfg.output_dir)
-        self.device = torch.device("cuda", self.dist.rank % max(1, torch.cuda.device_count())) \
-            if torch.cuda.is_available() else torch.device("cpu")
-        torch.manual_seed(cfg.seed)
+        self.device = self.dist.device
+        torch.manual_seed(cfg.seed)  # the adapters' initial weights: the same on every process
         dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
         self.model, self.tokenizer = load_base_model(cfg.model, dtype)
         init = load_adapter(cfg.init_adapter) if cfg.init_adapter else None
@@ -100,23 +79,28 @@ class Trainer:
         self.modules = inject_adapters(self.model, AdapterSpec.from_config(cfg))
         if init is not None:
             load_weights(adapted_layers(self.model), init, self.model.config)
-        self.model.to(self.device)
         self.layers = adapted_layers(self.model)
         weights, taus = adapter_parameters(self.model)
+        self.fsdp = cfg.distributed == "fsdp" and self.dist.world > 1
+        if self.fsdp:
+            shard_base(self.model, weights + taus, self.device)
+        else:
+            self.model.to(self.device)
         for w in weights:
             w.requires_grad_(cfg.train_weights)
-        self.weights = weights
+        self.weights, self.adapter_params = weights, weights + taus
         self.optimizer = torch.optim.AdamW(weights, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(cfg, s))
         gates = {n: l.token_gate for n, l in self.layers.items() if l.token_gate is not None}
-        self.controller = ThresholdController(gates, cfg, log=self.log)
+        self.controller = ThresholdController(gates, cfg, log=self.log, group=self.dist.host_group)
         self.examples = [tokenize(self.tokenizer, ex, cfg.prompt_format, cfg.max_seq_len)
                          for ex in training_examples(cfg)]
         self.start_step = 0
         self.gate_keep: dict[str, float] = {}
         self._prepare_output(resume)
         self.tensorboard = _tensorboard(self.out) if self.dist.main else None
-        self.ddp = torch.nn.parallel.DistributedDataParallel(self.model) if self.dist.world > 1 else None
+        self.ddp = None if self.dist.world == 1 or self.fsdp else torch.nn.parallel.DistributedDataParallel(
+            self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         trainable, total = count_parameters(self.model)
         if init is not None:
             self.log(f"init_adapter {cfg.init_adapter}: {init.kind}, rank {cfg.rank}, weights loaded"
@@ -173,7 +157,6 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             self.controller.load_state_dict(state["controller"])
-            set_rng_state(state["rng"])
         except (KeyError, TypeError, ValueError, RuntimeError) as e:  # what a damaged or foreign state raises
             raise CheckpointError(f"{ckpt / 'trainer.pt'}: not a trainer state of this run "
                                   f"({type(e).__name__}: {e})") from None
@@ -184,7 +167,7 @@ class Trainer:
     def save(self, step: int) -> None:
         if self.dist.main:
             state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                     "controller": self.controller.state_dict(), "rng": rng_state()}
+                     "controller": self.controller.state_dict()}
             meta = {"step": step, "config": self.cfg.to_dict(), "keep_rates": self.gate_keep,
                     "modules": self.modules}
             save_checkpoint(self.out, step, adapter_state_dict(self.model), state, meta, self.cfg.keep_checkpoints)
@@ -205,6 +188,7 @@ class Trainer:
 
     def train_step(self, step: int) -> dict:
         batches, global_targets = self._micro_batches(step)
+        seed_step(self.cfg.seed, step, self.dist.rank)
         net = self.ddp or self.model
         ctx = next(iter(self.layers.values())).token_gate.context if self.controller.gates else None
         if ctx is not None:
@@ -221,8 +205,10 @@ class Trainer:
                 (token_loss * self.dist.world / global_targets).backward()
             loss_sum += token_loss.detach().double().cpu()
             tokens += int(b["attention_mask"].sum())
+        if self.fsdp:
+            average_gradients(self.adapter_params, self.dist.world)
         if self.dist.world > 1:
-            dist.all_reduce(loss_sum)
+            dist.all_reduce(loss_sum, group=self.dist.host_group)
         loss = float(loss_sum) / global_targets
         if not math.isfinite(loss):
             raise TrainingDiverged(f"loss is {loss} at step {step + 1}; stopped without saving, the last good "
@@ -286,22 +272,19 @@ class Trainer:
         self._write("gate_stats.jsonl", {"step": step, "modules": modules})
 
     def evaluate(self, step: int) -> dict:
-        """Validation accuracy (rank 0) and the skip rate the gates take on the validation tokens."""
-        out: dict = {}
-        if self.dist.main:
-            for g in self.controller.gates.values():
-                g.reset_stats()
-            tasks = self.cfg.eval_tasks or self.cfg.tasks
-            acc = evaluate_tasks(self.model, self.tokenizer, tasks, self.cfg.eval_examples, self.cfg.eval_batch_size)
-            out = {"eval": acc}
-            stats = [g.reset_stats() for g in self.controller.gates.values()]
-            if stats:
-                out["eval_skip"] = 1 - sum(s.kept / max(1.0, s.valid) for s in stats) / len(stats)
-            self._write("metrics.jsonl", {"step": step, **out})
-            self.log(f"step {step}: eval " + ", ".join(f"{t} {r['acc']:.3f}" for t, r in acc.items())
-                     + (f", eval skip {out['eval_skip']:.3f}" if "eval_skip" in out else ""))
-        if self.dist.world > 1:
-            dist.barrier()
+        """Validation accuracy and the skip rate the gates take on the validation tokens. Every process
+        evaluates (under FSDP each forward gathers the weights from all of them); rank 0 writes."""
+        for g in self.controller.gates.values():
+            g.reset_stats()
+        tasks = self.cfg.eval_tasks or self.cfg.tasks
+        acc = evaluate_tasks(self.model, self.tokenizer, tasks, self.cfg.eval_examples, self.cfg.eval_batch_size)
+        out: dict = {"eval": acc}
+        stats = [g.reset_stats() for g in self.controller.gates.values()]
+        if stats:
+            out["eval_skip"] = 1 - sum(s.kept / max(1.0, s.valid) for s in stats) / len(stats)
+        self._write("metrics.jsonl", {"step": step, **out})
+        self.log(f"step {step}: eval " + ", ".join(f"{t} {r['acc']:.3f}" for t, r in acc.items())
+                 + (f", eval skip {out['eval_skip']:.3f}" if "eval_skip" in out else ""))
         return out
 
     def _write(self, name: str, record: dict) -> None:
