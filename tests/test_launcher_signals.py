@@ -122,6 +122,7 @@ def test_second_signal_during_stop_goes_straight_to_sigkill(killpg_calls):
     the handler it was meant for (a KeyboardInterrupt here) runs once the group is gone."""
     server = StandIn(HEALTHY_GROUP).start()
     pgid = server.process.pid
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)  # whatever earlier tests left
     handler = signal.getsignal(signal.SIGINT)
     try:
         def interrupt_twice_once_stopping() -> None:
@@ -145,6 +146,7 @@ def test_second_signal_during_stop_goes_straight_to_sigkill(killpg_calls):
         assert killpg_calls == []
     finally:
         kill_group(pgid)
+        signal.signal(signal.SIGINT, inherited)
 
 
 def test_zombies_do_not_keep_a_group_alive():
