@@ -15,6 +15,11 @@ tau = 0 keeps every token (plain LoRA); tokens without an adapter never get a de
 slot's adapter has no weights for (k of a q,v adapter; a module pruned at export) has tau =
 `UNCOVERED`: its tokens are neither gated, expanded nor counted as routed updates.
 
+Under tensor parallelism a rank holds part of a layer, and `Shards` completes what the gate reads
+with an all-reduce: the shrink h of a row-parallel layer (a partial sum over its share of the inputs;
+`output` already all-reduced), or ||m_s||^2 and ||base_s||^2 of a column-parallel one (partial sums
+over its share of the outputs). Every rank then takes the decision one device takes.
+
 The path is written for vLLM's Inductor compilation on CPU (`tspeft_rt.serve.plugin` keeps it on with
 gated adapters): a fixed sequence of tensor ops whose shapes depend only on T and the layer, with no
 host synchronisation and no Python branch on data or on which adapters are loaded, so vLLM traces it
@@ -29,7 +34,8 @@ path that saves the work.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -117,30 +123,56 @@ def gram(lora_b: Tensor) -> Tensor:
     return b.transpose(-1, -2) @ b
 
 
-def gated_lora(output: Tensor, x: Tensor, packed: PackedLoRA, slots: Tensor, counters: Tensor | None = None) -> None:
+def gated_lora(output: Tensor, x: Tensor, packed: PackedLoRA, slots: Tensor, counters: Tensor | None = None,
+               shards: Shards | None = None) -> None:
     """Add the gated LoRA delta to `output` [T, sum N] in place, for the tokens' `slots` (the first T
     entries are read; -1 = no adapter). `counters` [2, L] int64, when given, gets each slot's routed
-    (token, covered slice) and kept updates added."""
-    delta, on, mine = gate_decisions(output, x, packed, slots)
+    (token, covered slice) and kept updates added. `shards`: how a tensor-parallel layer completes what
+    its rank holds in part (None: one device)."""
+    delta, on, mine = gate_decisions(output, x, packed, slots, shards)
     output += (delta * on[:, packed.column_slice]).to(output.dtype)
     if counters is not None:
         counters[0] += mine.sum(0) * packed.covered.sum(1)
         counters[1] += (mine * on.sum(1, keepdim=True)).sum(0)
 
 
-def gate_decisions(output: Tensor, x: Tensor, packed: PackedLoRA, slots: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+@dataclass(frozen=True)
+class Shards:
+    """What a tensor-parallel rank holds in part, and the sums over the ranks that complete it, so that
+    every rank takes the decision one device would (up to the rounding of the sums):
+
+    - row-parallel layers (`sum_shrink`): x and A hold this rank's share of the input features, so the
+      shrink h = A x is a partial sum; `output` is already the full, all-reduced base output;
+    - column-parallel layers (`sum_norms`): `output` and B hold this rank's share of the output
+      features, so the squared norms of delta and base are partial sums. `counted` [sum N] (1/0) leaves
+      out the columns another rank also holds (K/V heads replicated when the ranks outnumber them)."""
+
+    sum_shrink: Callable[[Tensor], Tensor] | None = None
+    sum_norms: Callable[[Tensor], Tensor] | None = None
+    counted: Tensor | None = None
+
+
+def gate_decisions(output: Tensor, x: Tensor, packed: PackedLoRA, slots: Tensor,
+                   shards: Shards | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """(delta [T, sum N] of each token's own adapter, on [T, S] the gate's decisions, mine [T, L] each
     token's slot as a mask) for the base output `output` (read only)."""
     t = x.shape[0]
     mine = slots[:t].unsqueeze(1) == packed.slot_ids  # one True per token with an adapter
     h = (x.to(packed.a.dtype) @ packed.a.T).view(t, packed.max_loras, -1) * mine.unsqueeze(2)
+    if shards is not None and shards.sum_shrink is not None:
+        h = shards.sum_shrink(h)
     delta = h.flatten(1) @ packed.b.T
     slot = slots[:t].long().clamp_min(0)
-    on = keep_from_thresholds(slice_sq_norms(delta, packed.offsets), slice_sq_norms(output, packed.offsets),
-                              packed.tau_sq[slot], packed.floor[slot])
+    counted = None if shards is None else shards.counted
+    norms = torch.stack([slice_sq_norms(delta, packed.offsets, counted), slice_sq_norms(output, packed.offsets, counted)])
+    if shards is not None and shards.sum_norms is not None:
+        norms = shards.sum_norms(norms)
+    on = keep_from_thresholds(norms[0], norms[1], packed.tau_sq[slot], packed.floor[slot])
     return delta, on & packed.covered[slot] & mine.any(1, keepdim=True), mine
 
 
-def slice_sq_norms(t: Tensor, offsets: Sequence[int]) -> Tensor:
-    """[T, S] fp32: each row's squared norm over each slice's columns."""
+def slice_sq_norms(t: Tensor, offsets: Sequence[int], counted: Tensor | None = None) -> Tensor:
+    """[T, S] fp32: each row's squared norm over each slice's columns (only the `counted` ones)."""
+    if counted is not None:
+        t = t * counted
     return torch.stack([row_sq_norm(t[:, lo:hi]) for lo, hi in zip(offsets, offsets[1:])], dim=1)

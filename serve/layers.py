@@ -7,11 +7,17 @@ slice (q, k, v; gate, up) a threshold and a Gram matrix, set when an adapter tak
 (x, output, that state) with the batch's slot metadata (`SlotBatch`, kept by the gated punica
 wrapper, `tspeft_rt.serve.punica`) to `GatedSlots.apply`. A slot whose adapter has no gate files
 runs as plain LoRA; tokens without an adapter never get a delta.
+
+Under tensor parallelism (CPU path) each rank holds a share of a layer; `Shards` says how the gate's
+inputs are completed so that every rank takes the decision one device would: column-parallel layers
+sum the per-token squared norms over the ranks, row-parallel layers sum the shrink and decide on the
+all-reduced base output. Decisions are counted on rank 0 only.
 """
 
 from __future__ import annotations
 
 import torch
+from vllm.distributed import get_pp_group, split_tensor_along_last_dim, tensor_model_parallel_all_reduce
 from vllm.lora.layers import (
     ColumnParallelLinearWithLoRA,
     MergedColumnParallelLinearVariableSliceWithLoRA,
@@ -22,6 +28,7 @@ from vllm.lora.layers import (
     RowParallelLinearWithLoRA,
 )
 
+from tspeft_rt.kernels.gated_lora import Shards
 from tspeft_rt.serve.state import GatedSlots
 from tspeft_rt.serve.telemetry import TELEMETRY
 
@@ -35,13 +42,21 @@ class GatedLoRALayer:
         self._enable_aux_cuda_stream = False
 
     def create_lora_weights(self, max_loras: int, lora_config, model_config=None) -> None:
-        if self.tp_size > 1:
-            raise ValueError("tspeft-rt: token-gated LoRA layers support tensor parallel size 1 only "
-                             f"(got {self.tp_size}); serve with --tensor-parallel-size 1, or disable the plugin "
-                             "(VLLM_PLUGINS listing other plugins only) to serve plain LoRA with tensor parallelism")
+        if get_pp_group().world_size > 1:
+            raise ValueError("tspeft-rt: token-gated LoRA layers do not support pipeline parallelism "
+                             f"(--pipeline-parallel-size {get_pp_group().world_size}); use tensor parallelism")
+        if self.tp_size > 1 and self.device.type == "cuda":
+            raise ValueError(f"tspeft-rt: token-gated LoRA layers support tensor parallelism (size {self.tp_size}) "
+                             "on CPU only so far; serve with --tensor-parallel-size 1 on GPUs")
         super().create_lora_weights(max_loras, lora_config, model_config)
-        self.gated = GatedSlots(self.lora_a_stacked, self.lora_b_stacked, self.output_slices)
+        self.gated = GatedSlots(self.lora_a_stacked, self.lora_b_stacked, self.output_slices,
+                                shards=self.shards() if self.tp_size > 1 else None)
         TELEMETRY.ensure_slots(max_loras, self.device)
+        TELEMETRY.counting = self.tp_rank == 0  # the ranks take the same decisions: count them once
+
+    def shards(self) -> Shards | None:
+        """How this layer's rank completes the gate's inputs under tensor parallelism (`Shards`)."""
+        return None
 
     def set_mapping(self, punica_wrapper) -> None:
         if not hasattr(punica_wrapper, "slot_batch"):
@@ -67,35 +82,70 @@ class GatedLoRALayer:
         shape = output.shape
         if x.ndim == 3 and output.ndim == 3:  # transformers backend: (1, seq, hidden)
             x, output = x.flatten(0, 1), output.flatten(0, 1)
-        self.gated.apply(x, output, self.punica_wrapper.slot_batch, TELEMETRY)
+        self.gated.apply(x, output, self.punica_wrapper.slot_batch, TELEMETRY.counters if TELEMETRY.counting else None)
         return output.reshape(shape)
 
 
-class GatedColumnParallelLinearWithLoRA(GatedLoRALayer, ColumnParallelLinearWithLoRA):
+class GatedColumnShardedLayer(GatedLoRALayer):
+    """Column-parallel layers: each rank holds a share of the output features, so the squared norms of
+    delta and base are summed over the ranks."""
+
+    def shards(self) -> Shards:
+        counted = None
+        replicas = getattr(self.base_layer, "num_kv_head_replicas", 1)
+        if replicas > 1 and self.tp_rank % replicas:  # this rank's K/V heads are counted by another
+            counted = torch.ones(sum(self.output_slices), device=self.device)
+            counted[self.base_layer.num_heads * self.base_layer.head_size:] = 0
+        return Shards(sum_norms=tensor_model_parallel_all_reduce, counted=counted)
+
+
+class GatedColumnParallelLinearWithLoRA(GatedColumnShardedLayer, ColumnParallelLinearWithLoRA):
     pass
 
 
-class GatedMergedColumnParallelLinearWithLoRA(GatedLoRALayer, MergedColumnParallelLinearWithLoRA):
+class GatedMergedColumnParallelLinearWithLoRA(GatedColumnShardedLayer, MergedColumnParallelLinearWithLoRA):
     pass
 
 
-class GatedQKVParallelLinearWithLoRA(GatedLoRALayer, QKVParallelLinearWithLoRA):
+class GatedQKVParallelLinearWithLoRA(GatedColumnShardedLayer, QKVParallelLinearWithLoRA):
     pass
 
 
-class GatedMergedQKVParallelLinearWithLoRA(GatedLoRALayer, MergedQKVParallelLinearWithLoRA):
+class GatedMergedQKVParallelLinearWithLoRA(GatedColumnShardedLayer, MergedQKVParallelLinearWithLoRA):
     pass
 
 
 class GatedRowParallelLinearWithLoRA(GatedLoRALayer, RowParallelLinearWithLoRA):
-    pass
+    """Row-parallel: each rank holds a share of the input features, so the base output is complete only
+    after vLLM's all-reduce, and the shrink A x is a partial sum. Under tensor parallelism the forward
+    all-reduces the base output first, then the gate sums the shrink over the ranks and decides on the
+    full output, identically on every rank, and every rank adds the same delta."""
+
+    def shards(self) -> Shards:
+        if not self.base_layer.reduce_results:
+            raise ValueError(f"tspeft-rt: a row-parallel layer that leaves its all-reduce to the caller "
+                             f"({type(self.base_layer).__name__}, reduce_results=False) cannot be gated under "
+                             "tensor parallelism: the gate needs the full base output")
+        return Shards(sum_shrink=tensor_model_parallel_all_reduce)
+
+    def forward(self, input_: torch.Tensor):
+        if self.tp_size == 1:
+            return super().forward(input_)
+        layer = self.base_layer
+        x = input_ if layer.input_is_parallel else \
+            split_tensor_along_last_dim(input_, num_partitions=self.tp_size)[self.tp_rank].contiguous()
+        bias = None if self.tp_rank > 0 or layer.skip_bias_add else layer.bias
+        output = tensor_model_parallel_all_reduce(self._get_quant_method().apply(layer, x, bias))
+        output = self._apply_lora_to_output(x, output)
+        output_bias = layer.bias if layer.skip_bias_add else None
+        return (output, output_bias) if layer.return_bias else output
 
 
 class GatedReplicatedLinearWithLoRA(GatedLoRALayer, ReplicatedLinearWithLoRA):
     pass
 
 
-class GatedMergedColumnParallelLinearVariableSliceWithLoRA(GatedLoRALayer,
+class GatedMergedColumnParallelLinearVariableSliceWithLoRA(GatedColumnShardedLayer,
                                                            MergedColumnParallelLinearVariableSliceWithLoRA):
     pass
 

@@ -26,9 +26,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from tspeft_rt.kernels.gated_lora import PackedLoRA, gated_lora, lora_segments
+from tspeft_rt.kernels.gated_lora import PackedLoRA, Shards, gated_lora, lora_segments
 from tspeft_rt.kernels.triton_gated_lora import LoRAWeights, gated_lora_triton, packed_gate_views
-from tspeft_rt.serve.telemetry import GateTelemetry
 
 
 class SlotBatch:
@@ -65,8 +64,9 @@ class GatedSlots:
     them on CPU under the interpreter)."""
 
     def __init__(self, lora_a: Sequence[Tensor], lora_b: Sequence[Tensor], output_slices: Sequence[int],
-                 use_triton: bool | None = None) -> None:
+                 use_triton: bool | None = None, shards: Shards | None = None) -> None:
         device = lora_a[0].device
+        self.shards = shards
         self.use_triton = device.type == "cuda" if use_triton is None else use_triton
         self.lora_a, self.lora_b = list(lora_a), list(lora_b)
         self.num_slices = len(output_slices)
@@ -91,9 +91,10 @@ class GatedSlots:
             raise ValueError(f"tspeft-rt: {len(taus)} thresholds for a layer of {self.num_slices} slices")
         self.packed.set_gate(index, taus)
 
-    def apply(self, x: Tensor, output: Tensor, batch: SlotBatch, telemetry: GateTelemetry) -> None:
-        """output [T, sum N] += the gated delta of each token's slot (T may exceed the batch: padding)."""
+    def apply(self, x: Tensor, output: Tensor, batch: SlotBatch, counters: Tensor | None) -> None:
+        """output [T, sum N] += the gated delta of each token's slot (T may exceed the batch: padding);
+        `counters`: the telemetry's, or None on a rank whose decisions another rank counts."""
         if self.use_triton:
-            gated_lora_triton(output, x, self.weights, self.grams, self.taus, batch.segments(), telemetry.counters)
+            gated_lora_triton(output, x, self.weights, self.grams, self.taus, batch.segments(), counters)
         else:
-            gated_lora(output, x, self.packed, batch.slots, telemetry.counters)
+            gated_lora(output, x, self.packed, batch.slots, counters, self.shards)

@@ -41,6 +41,7 @@ class GateTelemetry:
 
     def __init__(self) -> None:
         self.counters: torch.Tensor | None = None  # [2, L] int64 (routed, kept) per slot: the layers add
+        self.counting = True  # False on tensor-parallel ranks after the first (same decisions, counted once)
         self._pinned: torch.Tensor | None = None
         self._copied: torch.cuda.Event | None = None
         self._seen: list[list[int]] = [[], []]  # the last complete host copy of `counters`
@@ -119,7 +120,7 @@ class GateTelemetry:
         return out
 
     def _start_reporter(self) -> None:
-        if self._thread is None and os.environ.get(STATS_ENV):
+        if self._thread is None and self.counting and os.environ.get(STATS_ENV):
             self._thread = threading.Thread(target=self._report_forever, name="tspeft-gate-telemetry", daemon=True)
             atexit.register(self._stop.set)  # before the plugin's handler removes the file (atexit is LIFO)
             self._thread.start()

@@ -241,19 +241,19 @@ def metrics(server) -> dict[str, float]:
                                                  if line.startswith("tspeft_gate_token_updates"))}
 
 
-def served_counts(server, name: str) -> tuple[float, float]:
-    """(updates, skipped) the server reports for adapter `name` once it reports any (the worker
-    rewrites its telemetry file every second)."""
+def served_counts(server, name: str, updates: int | None = None) -> tuple[float, float]:
+    """(updates, skipped) the server reports for adapter `name` once it reports any, or once it reports
+    `updates` of them (the worker rewrites its telemetry file every second, possibly mid-forward)."""
     import time
 
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         values = metrics(server)
-        updates = values.get(f'tspeft_gate_token_updates_total{{adapter="{name}"}}', 0)
-        if updates:
-            return updates, values[f'tspeft_gate_token_updates_skipped_total{{adapter="{name}"}}']
+        got = values.get(f'tspeft_gate_token_updates_total{{adapter="{name}"}}', 0)
+        if got if updates is None else got == updates:
+            return got, values[f'tspeft_gate_token_updates_skipped_total{{adapter="{name}"}}']
         time.sleep(1)
-    raise AssertionError(f"no telemetry for {name!r}: {metrics(server)}")
+    raise AssertionError(f"no telemetry for {name!r} (expected {updates} updates): {metrics(server)}")
 
 
 def test_metrics_count_what_the_hugging_face_path_counts(server, client, adapters):
@@ -350,6 +350,59 @@ def test_lm_eval_agrees_on_both_paths_and_with_eval(server, adapters, bundled_di
                                       for c in ex.choices])
     assert max(abs(a - b) for a, b in zip(hf_lls, lls)) < 1e-4
     assert max(abs(a - b) for a, b in zip(served_lls, lls)) < 1e-3
+
+
+@pytest.fixture(scope="module")
+def tp2_server(adapters, bundled_dir, tmp_path_factory):
+    """The gated adapter on the bundled model widened to 12 query / 4 K/V heads (`padded_heads`: the same
+    function, splittable in two), served with --tensor-parallel-size 2, one core per rank. Eager: two
+    one-core Inductor compilations would add about 5 minutes (the compiled TP = 2 server was checked by
+    hand to give the same tokens; README)."""
+    from padded_heads import pad_adapter, pad_model
+
+    root = tmp_path_factory.mktemp("tp2")
+    model = pad_model(bundled_dir, root / "smollm2-padded")
+    gated = pad_adapter(adapters["gated"], root / "gated", model)
+    srv = Server(model=str(model), adapters=[f"gated={gated}", f"metered={gated}"], port=free_port(),
+                 log_file=root / "vllm.log", extra_args=[
+                     "--tensor-parallel-size", "2", "--enforce-eager", "--max-num-seqs", "8",
+                     "--max-model-len", "512", "--kv-cache-memory-bytes", str(128 << 20)])
+    cpus = sorted(os.sched_getaffinity(0))
+    with pytest.MonkeyPatch.context() as env:
+        # vLLM binds each CPU rank to a NUMA node by default; this machine has one
+        env.setenv("VLLM_CPU_OMP_THREADS_BIND", f"{cpus[0]}|{cpus[-1]}")
+        srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def test_tensor_parallel_2_serves_what_one_device_serves(tp2_server, client, expected):
+    tp2 = openai.OpenAI(base_url=f"{tp2_server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+    for prompt, want in zip(PROMPTS, expected["gated"]):
+        assert complete(tp2, "gated", prompt) == want == complete(client, "gated", prompt), prompt
+
+
+def test_tensor_parallel_2_counts_each_decision_once_with_no_flip(tp2_server, server, client, adapters, bundled_dir):
+    """The prompts' prefill through a fresh name on each server: TP = 2 routes each (token, module) update
+    once, as one device does, and skips exactly the updates the TP = 1 server skips (fp32)."""
+    status, body = post(server, "/v1/load_lora_adapter", {"lora_name": "metered-tp1", "lora_path": str(adapters["gated"])})
+    assert status == 200, body
+    tp2 = openai.OpenAI(base_url=f"{tp2_server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+    for c, name in ((client, "metered-tp1"), (tp2, "metered")):
+        c.completions.create(model=name, prompt=PROMPTS, max_tokens=1, temperature=0)
+    from transformers import AutoTokenizer
+
+    from tspeft_rt.adapter import load_adapter
+    from tspeft_rt.data import encode_prompt
+
+    tok = AutoTokenizer.from_pretrained(bundled_dir)
+    updates = sum(len(encode_prompt(tok, p)) for p in PROMPTS) * len(load_adapter(adapters["gated"]).modules)
+    one = served_counts(server, "metered-tp1", updates)
+    two = served_counts(tp2_server, "metered", updates)
+    assert two == one, f"{abs(two[1] - one[1]):.0f} net gate flips between TP = 2 and TP = 1 in {updates} decisions"
+    assert 0 < one[1] < updates
 
 
 def test_shutdown_leaves_no_process(server):

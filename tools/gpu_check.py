@@ -260,7 +260,7 @@ def check_serving_path(T: int, K: int, slices: list[int], rank: int, dtype, devi
     batch, telemetry = SlotBatch(T, L, device), GateTelemetry()
     telemetry.ensure_slots(L, device)
     x, out = torch.zeros_like(p["x"]), torch.zeros_like(p["base"])
-    step = lambda: gated.apply(x, out, batch, telemetry)
+    step = lambda: gated.apply(x, out, batch, telemetry.counters)
     batch.update(p["slots"])
     x.copy_(p["x"])
     out.copy_(p["base"])
