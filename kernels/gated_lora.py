@@ -164,7 +164,7 @@ def gate_decisions(output: Tensor, x: Tensor, packed: PackedLoRA, slots: Tensor,
     delta = h.flatten(1) @ packed.b.T
     slot = slots[:t].long().clamp_min(0)
     counted = None if shards is None else shards.counted
-    norms = torch.stack([slice_sq_norms(delta, packed.offsets, counted), slice_sq_norms(output, packed.offsets, counted)])
+    norms = torch.stack([slice_sq_norms(v, packed.offsets, counted) for v in (delta, output)])
     if shards is not None and shards.sum_norms is not None:
         norms = shards.sum_norms(norms)
     on = keep_from_thresholds(norms[0], norms[1], packed.tau_sq[slot], packed.floor[slot])

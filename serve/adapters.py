@@ -18,7 +18,7 @@ from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager
 from tspeft_rt.adapter import PREFIX, Adapter, AdapterError, check_identity
 from tspeft_rt.serve.launcher import read_gated_adapter
 from tspeft_rt.serve.layers import GatedLoRALayer
-from tspeft_rt.serve.telemetry import TELEMETRY
+from tspeft_rt.serve.telemetry import TELEMETRY, log
 
 
 def gate_taus(adapter: Adapter, weights_mapper=None) -> dict[str, float]:
@@ -29,7 +29,13 @@ def gate_taus(adapter: Adapter, weights_mapper=None) -> dict[str, float]:
 
 class GatedLoRAModelManager(LRUCacheLoRAModelManager):
     """Sets each gated layer's thresholds when an adapter takes a slot; polls the device telemetry
-    counters once per step (vLLM sets the adapter mapping before every forward)."""
+    counters once per step (vLLM sets the adapter mapping before every forward). Logs how many layers
+    have LoRA layers: the others (outside --lora-target-modules) do no LoRA work at all."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        gated = sum(isinstance(m, GatedLoRALayer) for m in self.modules.values())
+        log.info("tspeft-rt: LoRA layers on %d modules (%d gated)", len(self.modules), gated)
 
     def set_adapter_mapping(self, mapping) -> None:
         super().set_adapter_mapping(mapping)

@@ -29,7 +29,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tspeft_rt.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Adapter, AdapterError, has_gate_files, load_adapter
+from tspeft_rt.adapter import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, PREFIX, Adapter, AdapterError, has_gate_files,
+                               load_adapter)
 from tspeft_rt.assets import BUNDLED_MODEL, resolve_model_path
 from tspeft_rt.config import is_positive_int
 from tspeft_rt.errors import TspeftError, read_json
@@ -58,7 +59,7 @@ class ServedAdapter:
     name: str
     path: Path
     rank: int
-    modules: set[str]  # module names' last component (q_proj, ...)
+    modules: set[str]  # the adapted modules' paths (model.layers.0.self_attn.q_proj, ...)
 
 
 def read_gated_adapter(path: str | Path) -> Adapter | None:
@@ -81,7 +82,44 @@ def parse_adapter(spec: str) -> ServedAdapter:
     adapter = read_gated_adapter(path)
     config, modules = (adapter.config, list(adapter.modules)) if adapter else _plain_adapter(Path(path))
     ranks = [config["r"], *(config.get("rank_pattern") or {}).values()]
-    return ServedAdapter(name, Path(path).resolve(), max(ranks), {m.rsplit(".", 1)[-1] for m in modules})
+    return ServedAdapter(name, Path(path).resolve(), max(ranks), set(modules))
+
+
+PACKED_PARENTS = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
+                  "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
+"""The layer vLLM packs a projection into (Llama, Mistral, Qwen and most decoder models); a parent
+name a model does not have matches nothing."""
+
+
+def lora_targets(served: list[ServedAdapter], loadable: bool, model_dir: Path) -> list[str]:
+    """vLLM's --lora-target-modules: which linear layers get LoRA layers (the others keep no LoRA state
+    and do no LoRA work). Without run-time loading, exactly the modules some served adapter has (their
+    paths, plus the packed layer that holds each: vLLM matches a packed layer by its own path), so a
+    module every adapter pruned costs nothing. With run-time loading (a later adapter may adapt any
+    layer), or where the adapters' paths are not the checkpoint's (vLLM may rename those): the
+    projection names, in every layer. Never lm_head or the embeddings unless adapted: they would cost
+    every token a vocabulary-sized gather on CPU. Adapters with other modules are refused at load."""
+    paths = set().union(*(a.modules for a in served))
+    if loadable or not paths <= checkpoint_modules(model_dir):
+        return sorted({p.rsplit(".", 1)[-1] for p in paths})
+    parents = {f"{p.rsplit('.', 1)[0]}.{PACKED_PARENTS[leaf]}" for p in paths
+               if (leaf := p.rsplit(".", 1)[-1]) in PACKED_PARENTS}
+    return sorted(paths | parents)
+
+
+def checkpoint_modules(model_dir: Path) -> set[str]:
+    """The paths of the modules whose weights a safetensors checkpoint holds (empty for other formats)."""
+    from safetensors import safe_open
+
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        keys = read_json(index, ServeError).get("weight_map", {})
+    else:
+        keys = []
+        for f in sorted(model_dir.glob("*.safetensors")):
+            with safe_open(f, framework="pt") as st:
+                keys += list(st.keys())
+    return {k.rsplit(".", 1)[0] for k in keys}
 
 
 def _plain_adapter(path: Path) -> tuple[dict, list[str]]:
@@ -101,7 +139,7 @@ def _plain_adapter(path: Path) -> tuple[dict, list[str]]:
     ranks = [config.get("r"), *(pattern.values() if isinstance(pattern, dict) else [None])]
     if not all(is_positive_int(r) for r in ranks):
         raise ServeError(f"{path / ADAPTER_CONFIG}: expected a positive integer 'r' (and 'rank_pattern' values)")
-    return config, [k.split(".lora_")[0] for k in keys if ".lora_" in k]
+    return config, [k.split(".lora_")[0].removeprefix(PREFIX) for k in keys if ".lora_" in k]
 
 
 def lora_rank_limit(rank: int) -> int:
@@ -152,9 +190,8 @@ class Server:
         if served:
             cmd += ["--lora-modules", *[f"{a.name}={a.path}" for a in served]]
         if "--lora-target-modules" not in self.extra_args and served:
-            # Only the adapted projections get LoRA layers: wrapping lm_head and the embeddings too costs
-            # every token a vocabulary-sized gather on CPU. Adapters touching other modules are refused.
-            cmd += ["--lora-target-modules", *sorted(set().union(*(a.modules for a in served)))]
+            cmd += ["--lora-target-modules",
+                    *lora_targets(served, self.allow_adapter_loading, resolve_model_path(self.model))]
         return cmd + self.extra_args
 
     def environment(self) -> dict[str, str]:

