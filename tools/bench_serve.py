@@ -75,7 +75,7 @@ def run_one(config: str, model: str, adapter: str, args) -> dict:
     from vllm.inputs import TokensPrompt
     from vllm.lora.request import LoRARequest
 
-    from tspeft_rt.serve.launcher import parse_adapter
+    from tspeft_rt.serve.launcher import lora_targets, parse_adapter
 
     lora = not config.startswith("base")
     served = parse_adapter(adapter)
@@ -84,7 +84,8 @@ def run_one(config: str, model: str, adapter: str, args) -> dict:
               max_model_len=args.prefill_len + args.decode_len + 64, max_num_seqs=args.n,
               max_num_batched_tokens=max(2048, args.n * args.prefill_len), kv_cache_memory_bytes=1 << 30,
               distributed_executor_backend="uni", enable_lora=lora, max_loras=1,
-              max_lora_rank=max(8, served.rank), **({"lora_target_modules": sorted(served.modules)} if lora else {}))
+              max_lora_rank=max(8, served.rank),
+              **({"lora_target_modules": lora_targets([served], False, Path(model))} if lora else {}))
     startup_s = time.perf_counter() - start  # compilation included (vLLM caches it for the next start)
     request = LoRARequest("bench", 1, adapter) if lora else None
     tok = llm.get_tokenizer()
