@@ -29,7 +29,7 @@ def gate_taus(adapter: Adapter, weights_mapper=None) -> dict[str, float]:
 
 class GatedLoRAModelManager(LRUCacheLoRAModelManager):
     """Sets each gated layer's thresholds when an adapter takes a slot; polls the device telemetry
-    counters once per step (vLLM sets the adapter mapping before every forward). Logs how many layers
+    counters once per step (vLLM sets the adapter mapping before every forward). Logs how many modules
     have LoRA layers: the others (outside --lora-target-modules) do no LoRA work at all."""
 
     def __init__(self, *args, **kwargs) -> None:
