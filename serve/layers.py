@@ -8,7 +8,7 @@ slice (q, k, v; gate, up) a threshold and a Gram matrix, set when an adapter tak
 wrapper, `tspeft_rt.serve.punica`) to `GatedSlots.apply`. A slot whose adapter has no gate files
 runs as plain LoRA; tokens without an adapter never get a delta.
 
-Under tensor parallelism (CPU path) each rank holds a share of a layer; `Shards` says how the gate's
+Under tensor parallelism (the PyTorch path, on CPU and CUDA) each rank holds a share of a layer; `Shards` says how the gate's
 inputs are completed so that every rank takes the decision one device would: column-parallel layers
 sum the per-token squared norms over the ranks, row-parallel layers sum the shrink and decide on the
 all-reduced base output. Decisions are counted on rank 0 only.
@@ -45,9 +45,6 @@ class GatedLoRALayer:
         if get_pp_group().world_size > 1:
             raise ValueError("tspeft-rt: token-gated LoRA layers do not support pipeline parallelism "
                              f"(--pipeline-parallel-size {get_pp_group().world_size}); use tensor parallelism")
-        if self.tp_size > 1 and self.device.type == "cuda":
-            raise ValueError(f"tspeft-rt: token-gated LoRA layers support tensor parallelism (size {self.tp_size}) "
-                             "on CPU only so far; serve with --tensor-parallel-size 1 on GPUs")
         super().create_lora_weights(max_loras, lora_config, model_config)
         self.gated = GatedSlots(self.lora_a_stacked, self.lora_b_stacked, self.output_slices,
                                 shards=self.shards() if self.tp_size > 1 else None)

@@ -60,14 +60,18 @@ class SlotBatch:
 
 class GatedSlots:
     """A gated layer's per-slot state over vLLM's stacked buffers lora_a[s] [L, 1, r, in] and
-    lora_b[s] [L, 1, N_s, r]. `use_triton`: the Triton kernels (default on CUDA; the tests also run
-    them on CPU under the interpreter)."""
+    lora_b[s] [L, 1, N_s, r]. `use_triton`: the Triton kernels (default on CUDA at one device; the
+    tests also run them on CPU under the interpreter). A tensor-parallel layer (`shards`) runs the
+    PyTorch path on any device: the kernels fuse the decision into the expand, with no room for the
+    all-reduce between the norms and the expand."""
 
     def __init__(self, lora_a: Sequence[Tensor], lora_b: Sequence[Tensor], output_slices: Sequence[int],
                  use_triton: bool | None = None, shards: Shards | None = None) -> None:
         device = lora_a[0].device
         self.shards = shards
-        self.use_triton = device.type == "cuda" if use_triton is None else use_triton
+        self.use_triton = (device.type == "cuda" and shards is None) if use_triton is None else use_triton
+        if self.use_triton and shards is not None:
+            raise ValueError("tspeft-rt: the Triton kernels do not take tensor-parallel shards")
         self.lora_a, self.lora_b = list(lora_a), list(lora_b)
         self.num_slices = len(output_slices)
         max_loras, rank, in_features = lora_a[0].shape[0], lora_a[0].shape[-2], lora_a[0].shape[-1]
