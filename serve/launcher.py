@@ -102,9 +102,13 @@ def lora_targets(served: list[ServedAdapter], loadable: bool, model_dir: Path) -
     paths = set().union(*(a.modules for a in served))
     if loadable or not paths <= checkpoint_modules(model_dir):
         return sorted({p.rsplit(".", 1)[-1] for p in paths})
-    parents = {f"{p.rsplit('.', 1)[0]}.{PACKED_PARENTS[leaf]}" for p in paths
-               if (leaf := p.rsplit(".", 1)[-1]) in PACKED_PARENTS}
-    return sorted(paths | parents)
+    return sorted(paths | {lora_layer(p) for p in paths})
+
+
+def lora_layer(path: str) -> str:
+    """The path of the vLLM layer that holds the module at `path` (its packed layer, or itself)."""
+    parent, leaf = path.rsplit(".", 1)
+    return f"{parent}.{PACKED_PARENTS.get(leaf, leaf)}"
 
 
 def checkpoint_modules(model_dir: Path) -> set[str]:

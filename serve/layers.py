@@ -8,10 +8,10 @@ slice (q, k, v; gate, up) a threshold and a Gram matrix, set when an adapter tak
 wrapper, `tspeft_rt.serve.punica`) to `GatedSlots.apply`. A slot whose adapter has no gate files
 runs as plain LoRA; tokens without an adapter never get a delta.
 
-Under tensor parallelism (the PyTorch path, on CPU and CUDA) each rank holds a share of a layer; `Shards` says how the gate's
-inputs are completed so that every rank takes the decision one device would: column-parallel layers
-sum the per-token squared norms over the ranks, row-parallel layers sum the shrink and decide on the
-all-reduced base output. Decisions are counted on rank 0 only.
+Under tensor parallelism (the PyTorch path, on CPU and CUDA) each rank holds a share of a layer;
+`Shards` says how the gate's inputs are completed so that every rank takes the decision one device
+would: column-parallel layers sum the per-token squared norms over the ranks, row-parallel layers sum
+the shrink and decide on the all-reduced base output. Decisions are counted on rank 0 only.
 """
 
 from __future__ import annotations
@@ -79,7 +79,8 @@ class GatedLoRALayer:
         shape = output.shape
         if x.ndim == 3 and output.ndim == 3:  # transformers backend: (1, seq, hidden)
             x, output = x.flatten(0, 1), output.flatten(0, 1)
-        self.gated.apply(x, output, self.punica_wrapper.slot_batch, TELEMETRY.counters if TELEMETRY.counting else None)
+        counters = TELEMETRY.counters if TELEMETRY.counting else None
+        self.gated.apply(x, output, self.punica_wrapper.slot_batch, counters)
         return output.reshape(shape)
 
 

@@ -301,10 +301,9 @@ def test_a_module_every_adapter_pruned_gets_no_lora_layer(server, adapters, expe
     weights (the launcher targets those modules): every other layer is vLLM's plain linear layer and
     does no LoRA work. The shared server (run-time loading on) wraps every projection of every layer."""
     from tspeft_rt.adapter import load_adapter
-    from tspeft_rt.serve.launcher import PACKED_PARENTS
+    from tspeft_rt.serve.launcher import lora_layer
 
-    paths = [m.rsplit(".", 1) for m in load_adapter(adapters["pruned"]).modules]
-    layers = len({f"{parent}.{PACKED_PARENTS.get(leaf, leaf)}" for parent, leaf in paths})
+    layers = len({lora_layer(m) for m in load_adapter(adapters["pruned"]).modules})
     log = tmp_path / "vllm.log"
     srv = Server(model=BUNDLED_MODEL, adapters=[f"pruned={adapters['pruned']}"], port=free_port(), log_file=log,
                  extra_args=["--enforce-eager", "--max-model-len", "256", "--kv-cache-memory-bytes", str(64 << 20)])
