@@ -26,7 +26,7 @@ demo: setup
 	$(PY) tools/demo.py
 
 test: setup
-	$(PY) -m pytest -q -ra tests
+	$(PY) -m pytest -q -ra --durations=15 tests
 
 test-fast: setup
 	$(PY) -m pytest -q -ra -m "not slow" tests

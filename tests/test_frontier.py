@@ -1,0 +1,59 @@
+"""tools/frontier.py on the tiny model (accuracy part; the serving part is bench_serve.py's harness, run by
+hand): every configuration exported and evaluated, pruned to its budget, cached; the table's pairing."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+
+
+def frontier(out: Path, model: Path) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(ROOT / "tools" / "frontier.py"), "--out", str(out), "--model", str(model),
+           "--seeds", "0", "--steps", "4", "--per-task", "3", "--batch-size", "2", "--eval-limit", "2", "--no-bench"]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+
+def test_frontier_accuracy_part(tmp_path, tiny_model_dir):
+    out = tmp_path / "frontier"
+    r = frontier(out, tiny_model_dir)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = list(csv.DictReader(open(out / "frontier.csv")))
+    assert [row["config"] for row in rows] == ["lora", "ts-lora-0.5", "ts-keep-half", "ts-norm-half",
+                                               "ts-random-half", "ts-keep-quarter", "ts-norm-quarter",
+                                               "ts-random-quarter"]
+    modules = {row["config"]: int(row["modules"]) for row in rows}
+    assert modules["lora"] == modules["ts-lora-0.5"] == 14  # 2 layers x 7 projections
+    assert {modules[f"ts-{r}-half"] for r in ("keep", "norm", "random")} == {7}
+    assert {modules[f"ts-{r}-quarter"] for r in ("keep", "norm", "random")} == {4}  # round(3.5)
+    for row in rows:  # the stored accuracy is the evaluation of that exported adapter
+        acc = json.loads((out / "eval" / f"{row['config']}-s0.json").read_text())
+        assert float(row["boolq"]) == acc["boolq"]["acc"]
+    table = (out / "frontier.md").read_text()
+    keep, norm = (float(next(r["average"] for r in rows if r["config"] == c))
+                  for c in ("ts-keep-quarter", "ts-norm-quarter"))
+    assert f"a quarter of the modules: keep-rate ranking minus weight-norm ranking, average accuracy (paired by seed, " \
+           f"points): {100 * (keep - norm):+.1f}" in table
+    assert "| lora | 1 | 14 |" in table and "| - | - |" in table  # no serving figures without the bench
+
+    # cached: a second run exports and evaluates nothing again
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "eval").iterdir()}
+    r = frontier(out, tiny_model_dir)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "evaluate" not in r.stdout and "export" not in r.stdout
+    assert {p: p.stat().st_mtime_ns for p in (out / "eval").iterdir()} == stamps
+
+
+def test_base_ratio_takes_the_base_measured_around_the_adapter():
+    from frontier import base_ratio
+
+    bases = [{"time": 1.0, "prefill": 100.0}, {"time": 3.0, "prefill": 300.0}, {"time": 5.0, "prefill": 50.0}]
+    assert base_ratio({"time": 2.0, "prefill": 100.0}, bases, "prefill") == pytest.approx(0.5)  # mean 200
+    assert base_ratio({"time": 6.0, "prefill": 100.0}, bases, "prefill") == pytest.approx(2.0)  # last only
