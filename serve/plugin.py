@@ -17,7 +17,7 @@ it must list `tspeft_rt`. `register()` is idempotent and changes, by name:
   or an explicit compilation mode still choose as they would without LoRA;
 - vLLM < 0.33 on CPU: its torch LoRA ops index the weights with slot -1 for tokens without an
   adapter, i.e. apply the last slot's adapter to them; they are wrapped to zero those rows;
-- the API server: `/v1/load_lora_adapter` validates a gated directory before the engine sees it
+- the API server: `/v1/load_lora_adapter` validates a gated or DoRA directory before the engine sees it
   (HTTP 400 naming the file and key), and `/metrics` exports the gate telemetry.
 
 These are private vLLM names: `register()` checks them and the version and fails loudly if they changed.
@@ -136,12 +136,12 @@ def _masked(op):
 
 
 def _validate_adapters_on_load() -> None:
-    """`/v1/load_lora_adapter`: a malformed gated adapter gets HTTP 400 before the engine sees it."""
+    """`/v1/load_lora_adapter`: a malformed gated or DoRA adapter gets HTTP 400 before the engine sees it."""
     from vllm.entrypoints.openai.models.serving import OpenAIServingModels
     from vllm.entrypoints.serve import create_error_response
 
     from tspeft_rt.adapter import AdapterError, check_identity
-    from tspeft_rt.serve.launcher import read_gated_adapter
+    from tspeft_rt.serve.launcher import read_tspeft_adapter
 
     vllm_check = OpenAIServingModels._check_load_lora_adapter_request
 
@@ -150,7 +150,7 @@ def _validate_adapters_on_load() -> None:
         if error is not None or not request.lora_path or not Path(request.lora_path).is_dir():
             return error  # a missing directory gets vLLM's own 404
         try:
-            adapter = read_gated_adapter(request.lora_path)
+            adapter = read_tspeft_adapter(request.lora_path)
             if adapter is not None:
                 check_identity(adapter, self.model_config.hf_config)
         except AdapterError as e:

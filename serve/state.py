@@ -8,8 +8,9 @@ Two kinds of state, following vLLM's own split between the punica wrapper and th
   punica wrapper calls it). The buffers are allocated once at their largest size, so CUDA graphs captured over them stay
   valid; rows past the batch's tokens (CUDA-graph padding) hold slot -1, and a batch without adapter
   tokens has empty segments: neither gets a delta nor is counted.
-- `GatedSlots`, per layer: per slot and slice the threshold, the Gram matrix and whether the slot's
-  adapter covers the slice (`PackedLoRA`), set when an adapter takes a slot, and for the Triton path
+- `GatedSlots`, per layer: per slot and slice the threshold, the Gram matrix, whether the slot's
+  adapter covers the slice and, for DoRA, the per-row scale (`PackedLoRA`), set when an adapter takes
+  a slot, and for the Triton path
   the pointer tables of vLLM's weight buffers (`LoRAWeights`), built once when the layer's buffers are
   created, never inside a forward.
 
@@ -21,12 +22,12 @@ them into the model's graph. Telemetry counters are only ever incremented here
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-from tspeft_rt.kernels.gated_lora import PackedLoRA, Shards, gated_lora, lora_segments
+from tspeft_rt.kernels.gated_lora import PackedLoRA, Shards, dora_scale, gated_lora, lora_segments
 from tspeft_rt.kernels.triton_gated_lora import LoRAWeights, gated_lora_triton, packed_gate_views
 
 
@@ -61,12 +62,14 @@ class SlotBatch:
 class GatedSlots:
     """A gated layer's per-slot state over vLLM's stacked buffers lora_a[s] [L, 1, r, in] and
     lora_b[s] [L, 1, N_s, r]. `use_triton`: the Triton kernels (default on CUDA at one device; the
-    tests also run them on CPU under the interpreter). A tensor-parallel layer (`shards`) runs the
-    PyTorch path on any device: the kernels fuse the decision into the expand, with no room for the
-    all-reduce between the norms and the expand."""
+    tests also run them on CPU under the interpreter). `dora`: the layer keeps DoRA's per-slot scale
+    (`bias`: the bias its base output includes). A tensor-parallel layer (`shards`) runs the PyTorch
+    path on any device: the kernels fuse the decision into the expand, with no room for the all-reduce
+    between the norms and the expand."""
 
     def __init__(self, lora_a: Sequence[Tensor], lora_b: Sequence[Tensor], output_slices: Sequence[int],
-                 use_triton: bool | None = None, shards: Shards | None = None) -> None:
+                 use_triton: bool | None = None, shards: Shards | None = None, dora: bool = False,
+                 bias: Tensor | None = None) -> None:
         device = lora_a[0].device
         self.shards = shards
         self.use_triton = (device.type == "cuda" and shards is None) if use_triton is None else use_triton
@@ -76,7 +79,7 @@ class GatedSlots:
         self.num_slices = len(output_slices)
         max_loras, rank, in_features = lora_a[0].shape[0], lora_a[0].shape[-2], lora_a[0].shape[-1]
         self.packed = PackedLoRA(max_loras, rank, in_features, output_slices, lora_a[0].dtype, device,
-                                 pack_weights=not self.use_triton)
+                                 pack_weights=not self.use_triton, dora=dora, bias=bias)
         if self.use_triton:
             self.weights = LoRAWeights.from_buffers(lora_a, lora_b, output_slices)
             self.grams, self.taus = packed_gate_views(self.packed.gram, self.packed.tau)
@@ -89,6 +92,18 @@ class GatedSlots:
     def reset_slot(self, index: int) -> None:
         self.packed.reset_slot(index)
 
+    def set_dora(self, index: int, magnitudes: Sequence[Tensor | None], w0_sq: Tensor,
+                 base_forward: Callable[[Tensor], Tensor]) -> None:
+        """Slot `index` holds a DoRA adapter with these per-slice magnitude vectors (None: a slice it has
+        no weights for): its scale (`dora_scale`) from the base weight's squared row norms `w0_sq`
+        [sum N] and `base_forward` (x -> W0 x, no bias), applied to the slot's A of every slice at once."""
+        a = [a_s[index, 0] for a_s in self.lora_a]
+        w0_a = base_forward(torch.cat(a))  # [S*r, sum N]: row block s is W0 A_s^T, transposed
+        r, offsets = a[0].shape[0], self.packed.offsets
+        per_slice = [w0_a[s * r:(s + 1) * r, offsets[s]:offsets[s + 1]].T for s in range(self.num_slices)]
+        self.packed.set_scale(index, dora_scale(w0_sq, per_slice, a, [b[index, 0] for b in self.lora_b],
+                                                magnitudes))
+
     def set_gate(self, index: int, taus: Sequence[float | None]) -> None:
         """Thresholds of slot `index`, one per slice in slice order; None = no gate (plain LoRA)."""
         if len(taus) != self.num_slices:
@@ -99,6 +114,7 @@ class GatedSlots:
         """output [T, sum N] += the gated delta of each token's slot (T may exceed the batch: padding);
         `counters`: the telemetry's, or None on a rank whose decisions another rank counts."""
         if self.use_triton:
-            gated_lora_triton(output, x, self.weights, self.grams, self.taus, batch.segments(), counters)
+            gated_lora_triton(output, x, self.weights, self.grams, self.taus, batch.segments(), counters,
+                              self.packed.scale, self.packed.bias)
         else:
             gated_lora(output, x, self.packed, batch.slots, counters, self.shards)

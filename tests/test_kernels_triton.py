@@ -45,7 +45,7 @@ pytest.importorskip("triton")
 from tspeft_rt.gate import gate_keep, row_sq_norm  # noqa: E402
 from tspeft_rt.kernels import triton_gated_lora as tg  # noqa: E402
 from tspeft_rt.kernels import triton_train as tt  # noqa: E402
-from tspeft_rt.kernels.gated_lora import PackedLoRA, gated_lora, gram, lora_segments  # noqa: E402
+from tspeft_rt.kernels.gated_lora import PackedLoRA, gate_decisions, gated_lora, gram, lora_segments  # noqa: E402
 from tspeft_rt.layers import _GatedLoraFn  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -322,6 +322,51 @@ def test_comparison_catches_wrong_slot_missed_row_and_flipped_gate():
         flipped[t, cols] = case.base[t, cols] + (delta if value else 0)
         with pytest.raises(AssertionError):
             assert_matches(flipped, ref, case.base, on_ref, case.off)
+
+
+DORA = [  # name, slice widths, rank, dtype, T, L, K
+    ("dora-s3-r8-f32", [24, 8, 16], 8, torch.float32, 24, 3, 64),
+    ("dora-s2-r16-bf16", [32, 16], 16, torch.bfloat16, 24, 3, 64),
+    ("dora-s1-r8-f32-decode-column-chunks", [200], 8, torch.float32, 12, 2, 64),
+]
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "gate-then-split-expand"])
+@pytest.mark.parametrize("name,slices,rank,dtype,T,L,K", DORA, ids=[c[0] for c in DORA])
+def test_dora_serving_matches_pytorch(monkeypatch, name, slices, rank, dtype, T, L, K, fused):
+    """DoRA slots (c per output column, a bias in the base) beside an ungated LoRA slot (slot 0, c = 1)
+    and tokens without adapter: the kernels against the PyTorch path, decisions and counters exact."""
+    monkeypatch.setattr(tg, "FUSE_MIN_TILES", 1 if fused else 1 << 30)
+    case = Case(name, slices, rank, dtype, "on", T, L, K)
+    n = case.off[-1]
+    bias = torch.randn(n, device=DEVICE).to(dtype)
+    packed = PackedLoRA(L, rank, K, slices, dtype, case.x.device, dora=True, bias=bias)
+    for slot in range(L):
+        packed.set_slot(slot, [a[slot, 0] for a in case.A], [b[slot, 0] for b in case.B])
+        if slot > 0:
+            packed.set_scale(slot, 1 + 0.3 * torch.randn(n, device=DEVICE))
+    # thresholds in gaps of each DoRA slot's ratios ||delta|| / ||base||, from the PyTorch path's own deltas
+    delta, _, _ = gate_decisions(case.base, case.x, packed, case.slots)
+    for slot in range(1, L):
+        rows = case.slots == slot
+        ratios = [row_sq_norm(delta[rows, lo:hi]) / row_sq_norm(case.base[rows, lo:hi])
+                  for lo, hi in zip(case.off, case.off[1:])]
+        packed.set_gate(slot, [gap_tau(q) for q in ratios])
+    ref = case.base.clone()
+    counters_ref = torch.zeros(2, L, dtype=torch.int64, device=DEVICE)
+    gated_lora(ref, case.x, packed, case.slots, counters_ref)
+    assert 0 < counters_ref[1, 1] < counters_ref[0, 1]  # the gate decided both ways
+    grams, taus = tg.packed_gate_views(packed.gram, packed.tau)
+    buf = torch.full((T + 2, n + 5), float("nan"), device=DEVICE).to(dtype)
+    out = buf[1:T + 1, 2:n + 2]
+    out.copy_(case.base)
+    counters = torch.zeros(2, L, dtype=torch.int64, device=DEVICE)
+    tg.gated_lora_triton(out, case.x, case.weights, grams, taus, lora_segments(case.slots, L), counters,
+                         packed.scale, bias)
+    assert_pad_untouched(buf)
+    assert counters.tolist() == counters_ref.tolist()
+    assert torch.equal(out[case.slots < 0], case.base[case.slots < 0])
+    torch.testing.assert_close(out.float(), ref.float(), **TOL[dtype])
 
 
 @pytest.mark.parametrize("tau", [0.0, 1e-3, 0.5])

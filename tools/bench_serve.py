@@ -3,6 +3,8 @@ and tspeft-rt's plugin (plain and gated), at two model scales.
 
     python tools/bench_serve.py --adapter runs/ts_lora_arc_easy/adapter [--scales 135m,1b] [--rounds 3]
                                 [--out runs/bench_serve.json]          # also writes runs/bench_serve.png
+    python tools/bench_serve.py --adapter runs/demo/adapter --dora-adapter runs/demo-dora/adapter --scales 135m \
+                                [--configs gated,gated-dora]           # a subset; ratios between those run
 
 Scales:
     135m  the bundled SmolLM2-135M-Instruct with --adapter (a trained TS-LoRA export)
@@ -19,6 +21,8 @@ engine settings everywhere):
                   vLLM turns compilation off whenever LoRA is on, so this runs eager
     plugin-lora   the plugin with the gate files hidden (plain LoRA through the gated layers), default mode
     gated         the plugin with the gates, default mode (the plugin keeps compilation on)
+    gated-dora    with --dora-adapter (135m): a TS-DoRA adapter of the same rank, on a server with the
+                  plugin's DoRA state, default mode
 
 Workloads, on real text (ARC-Easy validation questions cut to exact token counts), every request
 through the adapter except for the base configurations:
@@ -51,7 +55,7 @@ from pathlib import Path
 CONFIGS = ("base-default", "base-eager", "stock-lora", "plugin-lora", "gated")
 WORKLOADS = ("prefill", "decode", "single")
 RATIOS = (("gated", "plugin-lora"), ("gated", "base-default"), ("gated", "base-eager"), ("gated", "stock-lora"),
-          ("plugin-lora", "stock-lora"), ("base-default", "base-eager"))
+          ("plugin-lora", "stock-lora"), ("base-default", "base-eager"), ("gated-dora", "gated"))
 ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
        "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "VLLM_HOST_IP": "127.0.0.1", "OMP_NUM_THREADS": "2"}
 
@@ -85,7 +89,8 @@ def run_one(config: str, model: str, adapter: str, args) -> dict:
               max_num_batched_tokens=max(2048, args.n * args.prefill_len), kv_cache_memory_bytes=1 << 30,
               distributed_executor_backend="uni", enable_lora=lora, max_loras=1,
               max_lora_rank=max(8, served.rank),
-              **({"lora_target_modules": lora_targets([served], False, Path(model))} if lora else {}))
+              **({"lora_target_modules": lora_targets([served], False, Path(model))} if lora else {}),
+              **({"additional_config": {"tspeft_rt": {"dora": True}}} if served.dora and lora else {}))
     startup_s = time.perf_counter() - start  # compilation included (vLLM caches it for the next start)
     request = LoRARequest("bench", 1, adapter) if lora else None
     tok = llm.get_tokenizer()
@@ -102,7 +107,7 @@ def run_one(config: str, model: str, adapter: str, args) -> dict:
     result = {"prefill": args.n * args.prefill_len / timed(prefill, 1),
               "decode": args.n * args.decode_len / timed(decode, args.decode_len),
               "single": args.decode_len / timed(decode[:1], args.decode_len), "startup_s": startup_s}
-    if config == "gated":
+    if config.startswith("gated"):
         from tspeft_rt.serve.telemetry import TELEMETRY
 
         result["served_skip"] = TELEMETRY.snapshot()["bench"]["skip_rate"]
@@ -143,10 +148,12 @@ def plain_copy(adapter: Path, out: Path) -> Path:
 def bench_scale(scale: str, args, tmp: Path) -> dict:
     model, adapter = scale_inputs(scale, args, tmp)
     plain = plain_copy(adapter, tmp / f"{scale}-plain")
-    runs = {c: [] for c in CONFIGS}
+    configs = [c for c in CONFIGS + (("gated-dora",) if args.dora_adapter and scale == "135m" else ())
+               if c in args.configs.split(",")]
+    runs = {c: [] for c in configs}
     for r in range(args.rounds):
-        for config in CONFIGS:
-            served = plain if config == "plugin-lora" else adapter
+        for config in configs:
+            served = {"plugin-lora": plain, "gated-dora": Path(args.dora_adapter or "").resolve()}.get(config, adapter)
             cmd = [sys.executable, __file__, "--child", f"{config}:{model}:{served}", "--n", str(args.n),
                    "--prefill-len", str(args.prefill_len), "--decode-len", str(args.decode_len)]
             out = subprocess.run(cmd, env=child_env(config), capture_output=True, text=True)
@@ -166,10 +173,12 @@ def summarise(runs: dict) -> dict:
     def ratio(a: str, b: str, w: str) -> float:
         return statistics.median(x[w] / y[w] for x, y in zip(runs[a], runs[b]))
 
-    return {"tok_s": {c: {w: statistics.median(x[w] for x in runs[c]) for w in WORKLOADS} for c in CONFIGS},
-            "first_startup_s": {c: runs[c][0]["startup_s"] for c in CONFIGS},
-            "ratios": {f"{a}/{b}": {w: ratio(a, b, w) for w in WORKLOADS} for a, b in RATIOS},
-            "served_skip": statistics.median(x["served_skip"] for x in runs["gated"]), "runs": runs}
+    return {"tok_s": {c: {w: statistics.median(x[w] for x in runs[c]) for w in WORKLOADS} for c in runs},
+            "first_startup_s": {c: runs[c][0]["startup_s"] for c in runs},
+            "ratios": {f"{a}/{b}": {w: ratio(a, b, w) for w in WORKLOADS} for a, b in RATIOS if a in runs and b in runs},
+            "served_skip": {c: statistics.median(x["served_skip"] for x in runs[c])
+                            for c in runs if c.startswith("gated")},
+            "runs": runs}
 
 
 def plot(results: dict, path: Path) -> None:
@@ -185,7 +194,8 @@ def plot(results: dict, path: Path) -> None:
             ax.bar([j + 0.27 * (i - 1) for j in range(len(names))], [res["ratios"][n][w] for n in names], 0.27, label=w)
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_xticks(range(len(names)), names, rotation=25, ha="right", fontsize=8)
-        ax.set_title(f"{scale}: gated skipped {res['served_skip']:.0%} of token updates")
+        skipped = ", ".join(f"{c} {skip:.0%}" for c, skip in res["served_skip"].items())
+        ax.set_title(f"{scale}: token updates skipped: {skipped}")
         ax.set_ylabel("throughput ratio (median of rounds)")
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -203,7 +213,8 @@ def report(results: dict, args) -> None:
     plot(results, out.with_suffix(".png"))
     print(f"\n{summary['workload']}; {args.rounds} rounds; {summary['machine']}")
     for scale, res in results.items():
-        print(f"\n{scale}: the gated adapter skipped {res['served_skip']:.1%} of token updates while serving")
+        print(f"\n{scale}: token updates skipped while serving: "
+              + ", ".join(f"{c} {skip:.1%}" for c, skip in res["served_skip"].items()))
         print(f"{'tok/s':26s}" + "".join(f"{w:>10s}" for w in WORKLOADS))
         for c, v in res["tok_s"].items():
             print(f"{c:26s}" + "".join(f"{v[w]:10.1f}" for w in WORKLOADS))
@@ -217,7 +228,10 @@ def report(results: dict, args) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--adapter", default="runs/demo/adapter", help="a TS-LoRA adapter of the bundled model (135m)")
+    ap.add_argument("--dora-adapter", default=None, help="a TS-DoRA adapter of the bundled model (135m): adds gated-dora")
     ap.add_argument("--scales", default="135m,1b", help="comma-separated: 135m, 1b")
+    ap.add_argument("--configs", default=",".join((*CONFIGS, "gated-dora")),
+                    help="comma-separated, a subset of the configurations (default: all)")
     ap.add_argument("--synthetic-dir", default="runs/bench/llama-1b", help="where the 1b model and adapter live")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--n", type=int, default=16, help="prompts (prefill) and streams (decode)")
@@ -233,6 +247,8 @@ def main() -> None:
     scales = args.scales.split(",")
     if unknown := set(scales) - {"135m", "1b"}:
         sys.exit(f"--scales: unknown {', '.join(sorted(unknown))}; expected 135m and/or 1b")
+    if unknown := set(args.configs.split(",")) - {*CONFIGS, "gated-dora"}:
+        sys.exit(f"--configs: unknown {', '.join(sorted(unknown))}; expected some of {', '.join(CONFIGS)}, gated-dora")
     with tempfile.TemporaryDirectory() as tmp:
         results = {scale: bench_scale(scale, args, Path(tmp)) for scale in scales}
     report(results, args)

@@ -17,7 +17,9 @@ Triton's shared memory (bytes).
 
 Shapes: slices qkv [4096, 1024, 1024], o [4096], gate_up [14336, 14336]; hidden 4096 (8192 for qkv
 and gate_up); ranks 16 and 64; tokens 1, 16, 64, 128, 1024, 8192; 4 slots; fp16 and bf16.
---quick: qkv at hidden 4096, tokens 1..128 and 8192, ranks 16 and 64, fp16 and bf16.
+--quick: qkv at hidden 4096, tokens 1..128 and 8192, ranks 16 and 64, fp16 and bf16. DoRA (the expand
+with a scale and a bias, mode "+dora"): bf16 qkv at rank 16 and 64, in the quick subset at tokens 16
+and 8192.
 
 Exit code 1 if a compile fails, or (--no-spills-up-to T) if a launch with at most T tokens spills.
 TRITON_INTERPRET is dropped from the environment first: the interpreter cannot compile.
@@ -64,12 +66,13 @@ class Case:
     rank: int
     slices: str
     hidden: int
+    dora: bool = False
 
 
 @dataclass
 class Row:
     kernel: str
-    mode: str  # the gated expand's GATE/EXPAND: fused (gate+expand), or one of the two launches
+    mode: str  # the gated expand's GATE/EXPAND: fused (gate+expand), or one of the two launches; +dora
     target: str
     dtype: str
     tokens: int
@@ -98,10 +101,12 @@ class Row:
 
 
 def cases(quick: bool) -> list[Case]:
+    dora_tokens = (16, 8192) if quick else TOKENS
+    dora = [Case("bf16", t, r, "qkv", 4096, dora=True) for r in (16, 64) for t in dora_tokens]
     if quick:
-        return [Case(d, t, r, "qkv", 4096) for d in DTYPES for r in (16, 64) for t in (*TOKENS[:4], 8192)]
+        return [Case(d, t, r, "qkv", 4096) for d in DTYPES for r in (16, 64) for t in (*TOKENS[:4], 8192)] + dora
     layers = [(s, 4096) for s in SLICES] + [("qkv", 8192), ("gate_up", 8192)]
-    return [Case(d, t, r, s, k) for d in DTYPES for s, k in layers for r in (16, 64) for t in TOKENS]
+    return [Case(d, t, r, s, k) for d in DTYPES for s, k in layers for r in (16, 64) for t in TOKENS] + dora
 
 
 def launches(case: Case) -> list:
@@ -119,11 +124,12 @@ def launches(case: Case) -> list:
     h = torch.empty(S, T, R)
     segments = (torch.empty(T, dtype=torch.int32), torch.empty(L, dtype=torch.int32), torch.empty(L, dtype=torch.int32))
     counters = torch.empty(2, L, dtype=torch.int64)
+    scale, bias = (torch.empty(L, sum(slices)), torch.empty(sum(slices), dtype=dtype)) if case.dora else (None, None)
     # On CPU tensors dot_mode picks the interpreter's fp32 dots; the report is for a CUDA device.
     upcast, precision = tg.dot_mode(SimpleNamespace(device=torch.device("cuda"), dtype=dtype))
     runtime = (tg.shrink_launch(h, x, weights.lora_a, weights.a_table, taus, *segments),
                *tg.gated_expand_launches(output, h, weights.lora_b, weights.b_table, grams, taus, *segments, slices,
-                                         counters, None))
+                                         counters, None, scale, bias))
     return [replace(launch, meta={**launch.meta, "UPCAST": upcast, "PRECISION": precision}) for launch in runtime]
 
 
@@ -185,7 +191,7 @@ def report(case: Case, compiler: Compiler) -> list[Row]:
     for launch in launches(case):
         m = launch.meta
         name = launch.kernel.fn.__name__.strip("_").removesuffix("_kernel")
-        mode = "+".join(part.lower() for part in ("GATE", "EXPAND") if m.get(part)) or "-"
+        mode = "+".join(part.lower() for part in ("GATE", "EXPAND", "DORA") if m.get(part)) or "-"
         for target in TARGETS:
             rows.append(Row(name, mode, target, case.dtype, case.tokens, case.rank, case.slices, case.hidden,
                             m["BLOCK_M"], m.get("BLOCK_N"), m["BLOCK_R"], m.get("BLOCK_K"), m["num_warps"],
@@ -193,7 +199,7 @@ def report(case: Case, compiler: Compiler) -> list[Row]:
     return rows
 
 
-COLUMNS = [("kernel", "kernel", "<12"), ("mode", "mode", "<11"), ("target", "target", "<6"), ("dtype", "dtype", "<5"),
+COLUMNS = [("kernel", "kernel", "<12"), ("mode", "mode", "<16"), ("target", "target", "<6"), ("dtype", "dtype", "<5"),
            ("T", "tokens", ">5"), ("rank", "rank", ">4"), ("slices", "slices", "<7"), ("K", "hidden", ">5"),
            ("BM", "block_m", ">3"), ("BN", "block_n", ">3"), ("BR", "block_r", ">3"), ("BK", "block_k", ">3"),
            ("warps", "num_warps", ">5"), ("regs", "registers", ">4"), ("spill_st", "spill_stores", ">8"),
