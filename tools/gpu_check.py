@@ -10,9 +10,10 @@ package names). The Triton modules are imported only once --dry-run-cpu has set 
 1. Correctness (exit code 1 if a case fails): `gated_lora_triton` against the PyTorch path
    (`gated_lora`) at hidden 4096 and 8192, ranks 16/64, 1..8192 tokens over 4 slots and no-adapter
    tokens, 1 and 3 slices, fp16/bf16, gates at each slot's median ratio; tokens within 2% of the
-   threshold may flip (rounding). The plugin's serving path without vLLM (`SlotBatch`, `GatedSlots`)
-   captured in a CUDA graph and replayed for adapter, base-only, padded and adapter batches.
-   `TritonGatedLoraFn` against `_GatedLoraFn` (outputs and gradients).
+   threshold may flip (rounding); DoRA too (a scale per slot and column, a bias in the base). The
+   plugin's serving path without vLLM (`SlotBatch`, `GatedSlots`) captured in a CUDA graph and
+   replayed for adapter, base-only, padded and adapter batches. `TritonGatedLoraFn` against
+   `_GatedLoraFn` (outputs and gradients).
 2. Timings, CUDA events, median of --reps replays of a captured CUDA graph (which checks the ops
    capture) after warm-up: the whole gated LoRA op (shrink + fused gate and expand) at skip
    0/30/50/70/90% against the dense op (tau = 0) and a cuBLAS matmul LoRA, and the dense op's
@@ -48,7 +49,8 @@ MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 import_repo()
 
 from tspeft_rt.gate import gate_keep, row_sq_norm  # noqa: E402
-from tspeft_rt.kernels.gated_lora import PackedLoRA, gated_lora, gram, lora_segments  # noqa: E402
+from tspeft_rt.kernels.gated_lora import (PackedLoRA, gate_decisions, gated_lora, gram, lora_segments,  # noqa: E402
+                                          slice_sq_norms)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -137,8 +139,9 @@ class Timer:
 
 
 def serving_problem(T: int, K: int, slices: list[int], rank: int, L: int, dtype, device: str, seed: int,
-                    no_adapter: bool = True) -> dict:
-    """Weights of L slots, tokens over the slots (some without an adapter), a base output."""
+                    no_adapter: bool = True, dora: bool = False) -> dict:
+    """Weights of L slots, tokens over the slots (some without an adapter), a base output; with `dora`
+    a DoRA scale per slot and output column (slot 0 a LoRA adapter: 1) and a bias in the base."""
     g = torch.Generator(device=device).manual_seed(seed)
     rand = lambda *shape: torch.randn(*shape, generator=g, device=device)
     p = {"T": T, "slices": slices, "L": L, "dtype": dtype}
@@ -149,22 +152,20 @@ def serving_problem(T: int, K: int, slices: list[int], rank: int, L: int, dtype,
     p["base"] = (rand(T, sum(slices)) * rand(T, 1).exp()).to(dtype)
     p["slots"] = torch.randint(-1 if no_adapter else 0, L, (T,), generator=g, device=device)
     p["taus"] = torch.zeros(len(slices), L, device=device)
+    if dora:
+        p["scale"] = 1 + 0.2 * rand(L, sum(slices))
+        p["scale"][0] = 1.0
+        p["bias"] = rand(sum(slices)).to(dtype)
     return p
 
 
 def reference_norms(p: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(||B h||^2, ||base||^2), each [S, T] fp32, per token and slice as the PyTorch path computes h."""
+    """(||delta||^2, ||base||^2), each [S, T] fp32, per token and slice as the PyTorch path computes them."""
     off = [0]
     for n in p["slices"]:
         off.append(off[-1] + n)
-    d2 = torch.zeros(len(p["slices"]), p["T"], device=p["x"].device)
-    b2 = torch.stack([row_sq_norm(p["base"][:, off[s]:off[s + 1]]) for s in range(len(p["slices"]))])
-    for slot in range(p["L"]):
-        rows = p["slots"] == slot
-        for s in range(len(p["slices"])):
-            h = (p["x"][rows] @ p["A"][s][slot, 0].T).float()
-            d2[s, rows] = ((h @ p["G"][s, slot]) * h).sum(-1)
-    return d2, b2
+    delta, _, _ = gate_decisions(p["base"], p["x"], packed_reference(p), p["slots"])
+    return slice_sq_norms(delta, off).T, slice_sq_norms(p["base"], off).T
 
 
 def set_median_taus(p: dict, d2: torch.Tensor, b2: torch.Tensor) -> None:
@@ -177,9 +178,12 @@ def set_median_taus(p: dict, d2: torch.Tensor, b2: torch.Tensor) -> None:
 
 def packed_reference(p: dict):
     """The PyTorch path's per-layer state (`PackedLoRA`) holding the problem's weights and taus."""
-    packed = PackedLoRA(p["L"], p["A"][0].shape[-2], p["x"].shape[1], p["slices"], p["dtype"], p["x"].device)
+    packed = PackedLoRA(p["L"], p["A"][0].shape[-2], p["x"].shape[1], p["slices"], p["dtype"], p["x"].device,
+                        dora="scale" in p, bias=p.get("bias"))
     for slot in range(p["L"]):
         packed.set_slot(slot, [a[slot, 0] for a in p["A"]], [b[slot, 0] for b in p["B"]])
+        if "scale" in p:
+            packed.set_scale(slot, p["scale"][slot])
         packed.set_gate(slot, p["taus"][:, slot].tolist())
     return packed
 
@@ -232,7 +236,8 @@ def check_serving(p: dict, name: str) -> dict:
     out.copy_(p["base"])
     counters = torch.zeros(2, p["L"], dtype=torch.int64, device=ref.device)
     weights = tg.LoRAWeights.from_buffers(p["A"], p["B"], p["slices"])
-    tg.gated_lora_triton(out, p["x"], weights, p["G"], p["taus"], lora_segments(p["slots"], p["L"]), counters)
+    tg.gated_lora_triton(out, p["x"], weights, p["G"], p["taus"], lora_segments(p["slots"], p["L"]), counters,
+                         p.get("scale"), p.get("bias"))
     errors, near = serving_errors(p, out, ref, counters, counters_ref)
     inner = torch.zeros_like(buf, dtype=torch.bool)
     inner[1:T + 1, 2:N + 2] = True
@@ -462,17 +467,23 @@ def time_training(timer: Timer, cfg: dict, batch: int, seq: int, rank: int, devi
 def correctness(device: str, tiny: bool) -> list[dict]:
     if tiny:
         grid = [(3, 64, [24, 8, 16], 16, torch.float16), (20, 64, [40], 8, torch.bfloat16)]
+        dora_grid = [(20, 64, [24, 8, 16], 8, torch.bfloat16)]
         train_grid = [(24, 48, 40, 8)]
     else:
         shapes = [[4096, 1024, 1024], [4096], [14336, 14336]]  # qkv, o (or down), gate_up
         combos = [(T, r, d) for T in (1, 7, 64, 1000, 8192) for r in (16, 64) for d in (torch.float16, torch.bfloat16)]
         grid = [(T, 4096, shapes[i % 3], rank, dtype) for i, (T, rank, dtype) in enumerate(combos)]
         grid += [(T, 8192, [8192], 64, torch.bfloat16) for T in (16, 2048)]
+        dora_grid = [(7, 4096, shapes[0], 16, torch.bfloat16), (8192, 4096, shapes[2], 64, torch.bfloat16),
+                     (1000, 4096, shapes[1], 16, torch.float16)]
         train_grid = [(4096, 4096, 4096, 16), (8192, 4096, 1024, 64)]
     cases = []
     for i, (T, K, slices, rank, dtype) in enumerate(grid):
         p = serving_problem(T, K, slices, rank, 4, dtype, device, seed=i)
         cases.append(check_serving(p, f"serve T={T} K={K} slices={slices} r={rank} {str(dtype)[6:]}"))
+    for i, (T, K, slices, rank, dtype) in enumerate(dora_grid):
+        p = serving_problem(T, K, slices, rank, 4, dtype, device, seed=100 + i, dora=True)
+        cases.append(check_serving(p, f"serve DoRA T={T} K={K} slices={slices} r={rank} {str(dtype)[6:]}"))
     path_grid = [(24, 64, [24, 8, 16], 16, torch.float16)] if tiny else [
         (T, K, slices, rank, dtype) for T in (8, 512) for K, slices in ((4096, [4096, 1024, 1024]), (8192, [8192]))
         for rank, dtype in ((16, torch.bfloat16), (64, torch.float16))]
