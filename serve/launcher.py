@@ -76,10 +76,11 @@ def read_tspeft_adapter(path: str | Path) -> Adapter | None:
 
 
 def declares_dora(path: Path) -> bool:
-    """Whether the directory's adapter_config.json sets use_dora (an unreadable one: no, vLLM says why)."""
+    """Whether the directory's adapter_config.json sets use_dora (an unreadable one: no; the plain
+    adapter's checks, or vLLM's, say why)."""
     try:
-        return json.loads((path / ADAPTER_CONFIG).read_text()).get("use_dora") is True
-    except (OSError, ValueError, AttributeError):
+        return read_json(path / ADAPTER_CONFIG, ServeError).get("use_dora") is True
+    except ServeError:
         return False
 
 

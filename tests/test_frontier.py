@@ -39,8 +39,8 @@ def test_frontier_accuracy_part(tmp_path, tiny_model_dir):
     table = (out / "frontier.md").read_text()
     keep, norm = (float(next(r["average"] for r in rows if r["config"] == c))
                   for c in ("ts-keep-quarter", "ts-norm-quarter"))
-    assert f"a quarter of the modules: keep-rate ranking minus weight-norm ranking, average accuracy (paired by seed, " \
-           f"points): {100 * (keep - norm):+.1f}" in table
+    assert f"a quarter of the modules: keep-rate ranking minus weight-norm ranking, average accuracy " \
+           f"(paired by seed, points): {100 * (keep - norm):+.1f}" in table
     assert "| lora | 1 | 14 |" in table and "| - | - |" in table  # no serving figures without the bench
 
     # cached: a second run exports and evaluates nothing again

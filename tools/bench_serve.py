@@ -175,7 +175,8 @@ def summarise(runs: dict) -> dict:
 
     return {"tok_s": {c: {w: statistics.median(x[w] for x in runs[c]) for w in WORKLOADS} for c in runs},
             "first_startup_s": {c: runs[c][0]["startup_s"] for c in runs},
-            "ratios": {f"{a}/{b}": {w: ratio(a, b, w) for w in WORKLOADS} for a, b in RATIOS if a in runs and b in runs},
+            "ratios": {f"{a}/{b}": {w: ratio(a, b, w) for w in WORKLOADS}
+                       for a, b in RATIOS if a in runs and b in runs},
             "served_skip": {c: statistics.median(x["served_skip"] for x in runs[c])
                             for c in runs if c.startswith("gated")},
             "runs": runs}
@@ -228,7 +229,8 @@ def report(results: dict, args) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--adapter", default="runs/demo/adapter", help="a TS-LoRA adapter of the bundled model (135m)")
-    ap.add_argument("--dora-adapter", default=None, help="a TS-DoRA adapter of the bundled model (135m): adds gated-dora")
+    ap.add_argument("--dora-adapter", default=None,
+                    help="a TS-DoRA adapter of the bundled model (135m): adds gated-dora")
     ap.add_argument("--scales", default="135m,1b", help="comma-separated: 135m, 1b")
     ap.add_argument("--configs", default=",".join((*CONFIGS, "gated-dora")),
                     help="comma-separated, a subset of the configurations (default: all)")
