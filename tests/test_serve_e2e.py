@@ -227,7 +227,7 @@ def test_fully_sharded_loras_refuse_a_gated_adapter_at_start_up(adapters, tmp_pa
 
     log = tmp_path / "vllm.log"
     srv = Server(model=BUNDLED_MODEL, adapters=[f"gated={adapters['gated']}"], port=free_port(), log_file=log,
-                 extra_args=["--fully-sharded-loras", "--max-model-len", "256",
+                 extra_args=["--fully-sharded-loras", "--enforce-eager", "--max-model-len", "256",
                              "--kv-cache-memory-bytes", str(64 << 20)])
     with pytest.raises(ServeError, match="during start-up"):
         srv.start()
