@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reproduce import TASKS  # noqa: E402
+from reproduce import TASKS, cell  # noqa: E402
 
 TRAINED = ("lora", "ts-lora-0.5")
 BUDGETS = {"half": 0.5, "quarter": 0.25}
@@ -163,12 +163,6 @@ def collect(args) -> list[dict]:
                 row["served_skip"] = result.get("served_skip", 0.0)
             rows.append(row)
     return rows
-
-
-def cell(values: list[float], signed: bool = False, scale: float = 100.0, digits: int = 1) -> str:
-    """Mean ± sample sd over seeds."""
-    mean = f"{scale * statistics.mean(values):{'+' if signed else ''}.{digits}f}"
-    return mean + (f" ± {scale * statistics.stdev(values):.{digits}f}" if len(values) > 1 else "")
 
 
 def paired(rows: list[dict], a: str, b: str, key: str = "average") -> list[float]:

@@ -129,6 +129,12 @@ def _row(config: str, seed: int, acc: dict, extra: dict) -> dict:
             "train_eval_s": extra.get("train_eval_s"), "peak_rss_mb": extra.get("peak_rss_mb")}
 
 
+def cell(values: list[float], signed: bool = False, scale: float = 100.0, digits: int = 1) -> str:
+    """Mean ± sample sd over seeds (in percent by default)."""
+    mean = f"{scale * statistics.mean(values):{'+' if signed else ''}.{digits}f}"
+    return mean + (f" ± {scale * statistics.stdev(values):.{digits}f}" if len(values) > 1 else "")
+
+
 def report(args, rows: list[dict]) -> None:
     if not rows:
         print("nothing finished yet")
@@ -140,11 +146,6 @@ def report(args, rows: list[dict]) -> None:
     by_config: dict[str, list[dict]] = {}
     for row in rows:
         by_config.setdefault(row["config"], []).append(row)
-
-    def cell(values: list[float], signed: bool = False) -> str:
-        """Mean ± sample sd over seeds, in percent."""
-        mean = f"{100 * statistics.mean(values):{'+' if signed else ''}.1f}"
-        return mean + (f" ± {100 * statistics.stdev(values):.1f}" if len(values) > 1 else "")
 
     def delta_vs_dense(config: str, group: list[dict]) -> str:
         """A TS run's average minus its dense method's (LoRA or DoRA) with the same seed: paired by seed,
