@@ -36,6 +36,14 @@ def test_frontier_accuracy_part(tmp_path, tiny_model_dir):
     for row in rows:  # the stored accuracy is the evaluation of that exported adapter
         acc = json.loads((out / "eval" / f"{row['config']}-s0.json").read_text())
         assert float(row["boolq"]) == acc["boolq"]["acc"]
+    # an unpruned adapter's accuracy, taken from its training run, is what evaluating the exported adapter gives
+    from reproduce import TASKS
+    from tspeft_rt.evaluate import evaluate_tasks
+    from tspeft_rt.generate import load_model_with_adapter
+
+    for config in ("lora", "ts-lora-0.5"):
+        model, tokenizer, _ = load_model_with_adapter(str(tiny_model_dir), str(out / "adapters" / f"{config}-s0"))
+        assert evaluate_tasks(model, tokenizer, TASKS, 2) == json.loads((out / "eval" / f"{config}-s0.json").read_text())
     table = (out / "frontier.md").read_text()
     keep, norm = (float(next(r["average"] for r in rows if r["config"] == c))
                   for c in ("ts-keep-quarter", "ts-norm-quarter"))
