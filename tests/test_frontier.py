@@ -65,3 +65,11 @@ def test_base_ratio_takes_the_base_measured_around_the_adapter():
     bases = [{"time": 1.0, "prefill": 100.0}, {"time": 3.0, "prefill": 300.0}, {"time": 5.0, "prefill": 50.0}]
     assert base_ratio({"time": 2.0, "prefill": 100.0}, bases, "prefill") == pytest.approx(0.5)  # mean 200
     assert base_ratio({"time": 6.0, "prefill": 100.0}, bases, "prefill") == pytest.approx(2.0)  # last only
+
+
+def test_bench_order_measures_the_base_around_every_four_adapters():
+    from frontier import bench_order
+
+    assert bench_order(["a"]) == ["base", "a", "base"]
+    keys = [f"k{i}" for i in range(6)]
+    assert bench_order(keys) == ["base", "k0", "k1", "k2", "k3", "base", "k4", "k5", "base"]

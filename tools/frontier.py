@@ -14,7 +14,8 @@
 4. Serving throughput: `tools/bench_serve.py`'s engine harness (one vLLM engine per adapter in its own
    process, vLLM's default mode, `tspeft-rt serve`'s LoRA targets: pruned modules get no LoRA layer) on
    prefill (16 x 128 tokens) and batched decode (16 streams x 32 tokens), as a ratio to the base model in
-   vLLM's default mode measured in the same pass, before and after the adapters (the mean of the two).
+   vLLM's default mode measured in the same pass before and after every four adapters (the mean of the
+   measurements either side of the adapter's).
    Nothing else may run on the machine meanwhile (bench_serve.py says why).
 
 Writes OUT/frontier.csv (one row per configuration and seed), OUT/frontier.md (mean ± sd over seeds,
@@ -40,6 +41,7 @@ TRAINED = ("lora", "ts-lora-0.5")
 BUDGETS = {"half": 0.5, "quarter": 0.25}
 RANKINGS = ("keep", "norm", "random")
 WORKLOADS = ("prefill", "decode")
+BASE_EVERY = 4
 
 
 def configurations() -> dict[str, dict]:
@@ -118,8 +120,16 @@ def bench_one(args, label: str, config: str, model: str, adapter: str) -> dict:
     return {**json.loads(line[7:]), "time": time.time()}
 
 
+def bench_order(keys: list[str]) -> list[str]:
+    """The adapters with the base ("base") first, last and after every BASE_EVERY of them: the host drifts."""
+    order = ["base"]
+    for i, key in enumerate(keys, 1):
+        order += [key, "base"] if i % BASE_EVERY == 0 or i == len(keys) else [key]
+    return order
+
+
 def bench(args, adapters: dict[str, Path]) -> None:
-    """A pass over the adapters not yet measured, between two measurements of the base."""
+    """A pass over the adapters not yet measured, the base measured before, after and between them."""
     from tspeft_rt.assets import resolve_model_path
 
     todo = {key: path for key, path in adapters.items() if not (args.out / "bench" / f"{key}.json").exists()}
@@ -128,7 +138,8 @@ def bench(args, adapters: dict[str, Path]) -> None:
     model = str(resolve_model_path(args.model))
     bases = args.out / "bench" / "base.jsonl"
     any_adapter = str(next(iter(todo.values())))  # the harness sizes the engine's LoRA rank from one, even for the base
-    for key, path in [("base", None), *todo.items(), ("base", None)]:
+    for key in bench_order(list(todo)):
+        path = todo.get(key)
         log(f"serving bench: {key}")
         if path is None:
             with open(bases, "a") as f:
