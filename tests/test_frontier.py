@@ -59,12 +59,15 @@ def test_frontier_accuracy_part(tmp_path, tiny_model_dir):
     assert {p: p.stat().st_mtime_ns for p in (out / "eval").iterdir()} == stamps
 
 
-def test_base_ratio_takes_the_base_measured_around_the_adapter():
+def test_base_ratio_takes_the_base_measured_around_the_adapter_in_its_pass():
     from frontier import base_ratio
 
     bases = [{"time": 1.0, "prefill": 100.0}, {"time": 3.0, "prefill": 300.0}, {"time": 5.0, "prefill": 50.0}]
     assert base_ratio({"time": 2.0, "prefill": 100.0}, bases, "prefill") == pytest.approx(0.5)  # mean 200
     assert base_ratio({"time": 6.0, "prefill": 100.0}, bases, "prefill") == pytest.approx(2.0)  # last only
+    later = bases + [{"time": 6.0 + 3600, "prefill": 1.0}]  # a pass resumed an hour later is not a pair
+    assert base_ratio({"time": 6.0, "prefill": 100.0}, later, "prefill") == pytest.approx(2.0)
+    assert base_ratio({"time": 6.0 + 2 * 3600, "prefill": 100.0}, bases, "prefill") is None
 
 
 def test_bench_order_measures_the_base_around_every_four_adapters():

@@ -42,6 +42,7 @@ BUDGETS = {"half": 0.5, "quarter": 0.25}
 RANKINGS = ("keep", "norm", "random")
 WORKLOADS = ("prefill", "decode")
 BASE_EVERY = 4
+PAIR_WINDOW_S = 45 * 60  # four adapters and a base take ~25 minutes on 2 cores
 
 
 def configurations() -> dict[str, dict]:
@@ -149,11 +150,15 @@ def bench(args, adapters: dict[str, Path]) -> None:
         (args.out / "bench" / f"{key}.json").write_text(json.dumps(bench_one(args, key, config, model, str(path))))
 
 
-def base_ratio(result: dict, bases: list[dict], workload: str) -> float:
+def base_ratio(result: dict, bases: list[dict], workload: str) -> float | None:
     """Throughput over the base's, the base taken as the mean of its last measurement before the adapter's
-    and its first after (either alone where the other is missing)."""
-    before = [b for b in bases if b["time"] < result["time"]][-1:]
-    after = [b for b in bases if b["time"] > result["time"]][:1]
+    and its first after, each only within PAIR_WINDOW_S of it (a pass stopped and resumed later does not
+    pair with another day's base); either alone where the other is missing, None where both are."""
+    near = [b for b in bases if abs(b["time"] - result["time"]) <= PAIR_WINDOW_S]
+    before = [b for b in near if b["time"] < result["time"]][-1:]
+    after = [b for b in near if b["time"] > result["time"]][:1]
+    if not before + after:
+        return None
     return result[workload] / statistics.mean(b[workload] for b in before + after)
 
 
@@ -174,8 +179,8 @@ def collect(args) -> list[dict]:
             row = {"config": name, "seed": seed, "modules": len(config["target_modules"]),
                    **{t: acc[t]["acc"] for t in TASKS}, "average": statistics.mean(acc[t]["acc"] for t in TASKS)}
             served = bench_dir / f"{key}.json"
-            if served.exists() and bases:
-                result = json.loads(served.read_text())
+            result = json.loads(served.read_text()) if served.exists() else None
+            if result is not None and base_ratio(result, bases, "prefill") is not None:
                 row.update({f"{w}_vs_base": base_ratio(result, bases, w) for w in WORKLOADS})
                 row["served_skip"] = result.get("served_skip", 0.0)
             rows.append(row)
