@@ -76,3 +76,33 @@ def test_bench_order_measures_the_base_around_every_four_adapters():
     assert bench_order(["a"]) == ["base", "a", "base"]
     keys = [f"k{i}" for i in range(6)]
     assert bench_order(keys) == ["base", "k0", "k1", "k2", "k3", "base", "k4", "k5", "base"]
+
+
+def test_bench_pass_writes_each_result_and_the_base_around_them(tmp_path, monkeypatch):
+    """bench()'s bookkeeping, the engine runs replaced by a counter (bench_serve.py's harness has its own
+    tests): the base around the adapters, each adapter's config by its files, nothing measured twice."""
+    import argparse
+
+    import frontier
+
+    calls = []
+
+    def engine(args, label, config, model, adapter):
+        calls.append((label, config))
+        return {"prefill": 1.0 + len(calls), "decode": 2.0, "time": float(len(calls))}
+
+    monkeypatch.setattr(frontier, "bench_one", engine)
+    adapters = {}
+    for key, gated in (("lora-s0", False), ("ts-keep-half-s0", True)):
+        adapters[key] = tmp_path / "adapters" / key
+        adapters[key].mkdir(parents=True)
+        if gated:
+            (adapters[key] / "token_gate.safetensors").touch()
+    args = argparse.Namespace(out=tmp_path / "out", model=str(tmp_path))  # a folder: the engine never reads it
+    frontier.bench(args, adapters)
+    assert calls == [("base", "base-default"), ("lora-s0", "plugin-lora"), ("ts-keep-half-s0", "gated"),
+                     ("base", "base-default")]
+    assert len((args.out / "bench" / "base.jsonl").read_text().splitlines()) == 2
+    assert json.loads((args.out / "bench" / "ts-keep-half-s0.json").read_text())["prefill"] == 4.0
+    frontier.bench(args, adapters)  # all measured: no engine starts
+    assert len(calls) == 4

@@ -1,6 +1,6 @@
 """The accuracy–serving-cost frontier: dense LoRA, TS-LoRA, and TS-LoRA pruned to a module budget.
 
-    python tools/frontier.py --out runs/frontier                  # everything, cached and resumable (~2.5 h, 2 cores)
+    python tools/frontier.py --out runs/frontier                  # everything, cached and resumable (~3.5 h, 2 cores)
     python tools/frontier.py --out runs/frontier --no-bench       # accuracy only (training, export, evaluation)
     python tools/frontier.py --out runs/frontier --report-only    # CSV, table and plot from what is done
 
@@ -138,6 +138,7 @@ def bench(args, adapters: dict[str, Path]) -> None:
         return
     model = str(resolve_model_path(args.model))
     bases = args.out / "bench" / "base.jsonl"
+    bases.parent.mkdir(parents=True, exist_ok=True)
     any_adapter = str(next(iter(todo.values())))  # the harness sizes the engine's LoRA rank from one, even for the base
     for key in bench_order(list(todo)):
         path = todo.get(key)
