@@ -43,7 +43,8 @@ def test_frontier_accuracy_part(tmp_path, tiny_model_dir):
 
     for config in ("lora", "ts-lora-0.5"):
         model, tokenizer, _ = load_model_with_adapter(str(tiny_model_dir), str(out / "adapters" / f"{config}-s0"))
-        assert evaluate_tasks(model, tokenizer, TASKS, 2) == json.loads((out / "eval" / f"{config}-s0.json").read_text())
+        stored = json.loads((out / "eval" / f"{config}-s0.json").read_text())
+        assert evaluate_tasks(model, tokenizer, TASKS, 2) == stored
     table = (out / "frontier.md").read_text()
     keep, norm = (float(next(r["average"] for r in rows if r["config"] == c))
                   for c in ("ts-keep-quarter", "ts-norm-quarter"))
