@@ -181,9 +181,9 @@ def collect(args) -> list[dict]:
                    **{t: acc[t]["acc"] for t in TASKS}, "average": statistics.mean(acc[t]["acc"] for t in TASKS)}
             served = bench_dir / f"{key}.json"
             result = json.loads(served.read_text()) if served.exists() else None
-            if result is not None and base_ratio(result, bases, "prefill") is not None:
-                row.update({f"{w}_vs_base": base_ratio(result, bases, w) for w in WORKLOADS})
-                row["served_skip"] = result.get("served_skip", 0.0)
+            ratios = {f"{w}_vs_base": base_ratio(result, bases, w) for w in WORKLOADS} if result else {}
+            if ratios and None not in ratios.values():
+                row.update(ratios, served_skip=result.get("served_skip", 0.0))
             rows.append(row)
     return rows
 
