@@ -1,5 +1,6 @@
 """tools/frontier.py on the tiny model (accuracy part; the serving part is bench_serve.py's harness, run by
-hand): every configuration exported and evaluated, pruned to its budget, cached; the table's pairing."""
+hand): every configuration exported and evaluated, pruned to its budget or retrained on its modules,
+cached; the table's pairing."""
 
 from __future__ import annotations
 
@@ -10,38 +11,62 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 
 
-def frontier(out: Path, model: Path) -> subprocess.CompletedProcess:
+BUDGETS = [f"ts-{r}-{b}" for b in ("half", "quarter") for r in ("keep", "norm", "random")]
+RETRAINED = ["ts-keep-quarter-retrained", "ts-random-quarter-retrained"]  # two of six: a tiny training takes ~15 s
+
+
+def frontier(out: Path, model: Path, configs: list[str]) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(ROOT / "tools" / "frontier.py"), "--out", str(out), "--model", str(model),
-           "--seeds", "0", "--steps", "4", "--per-task", "3", "--batch-size", "2", "--eval-limit", "2", "--no-bench"]
+           "--configs", ",".join(configs), "--seeds", "0", "--steps", "4", "--per-task", "3", "--batch-size", "2",
+           "--eval-limit", "2", "--no-bench"]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+
+def test_the_configurations_and_an_unknown_one(tmp_path):
+    from frontier import configurations
+
+    assert list(configurations()) == ["lora", "ts-lora-0.5", *BUDGETS, *(b + "-retrained" for b in BUDGETS)]
+    r = frontier(tmp_path, tmp_path, ["lora", "ts-keep-third"])
+    assert r.returncode != 0 and "--configs: unknown ['ts-keep-third']" in r.stderr
 
 
 def test_frontier_accuracy_part(tmp_path, tiny_model_dir):
     out = tmp_path / "frontier"
-    r = frontier(out, tiny_model_dir)
+    configs = ["lora", "ts-lora-0.5", *BUDGETS, *RETRAINED]
+    r = frontier(out, tiny_model_dir, configs)
     assert r.returncode == 0, r.stderr[-2000:]
+    assert {"training", "evaluate", "export"} <= set(r.stdout.split())
     rows = list(csv.DictReader(open(out / "frontier.csv")))
-    assert [row["config"] for row in rows] == ["lora", "ts-lora-0.5", "ts-keep-half", "ts-norm-half",
-                                               "ts-random-half", "ts-keep-quarter", "ts-norm-quarter",
-                                               "ts-random-quarter"]
+    assert [row["config"] for row in rows] == configs
     modules = {row["config"]: int(row["modules"]) for row in rows}
     assert modules["lora"] == modules["ts-lora-0.5"] == 14  # 2 layers x 7 projections
     assert {modules[f"ts-{r}-half"] for r in ("keep", "norm", "random")} == {7}
     assert {modules[f"ts-{r}-quarter"] for r in ("keep", "norm", "random")} == {4}  # round(3.5)
+    for name in RETRAINED:  # TS-LoRA trained anew on exactly the modules the export kept, nothing else changed
+        exported = name.removesuffix("-retrained")
+        targets = [json.loads((out / "adapters" / f"{n}-s0" / "adapter_config.json").read_text())["target_modules"]
+                   for n in (exported, name)]
+        assert targets[0] == targets[1] and modules[name] == 4
+        trained, retrained = (yaml.safe_load((out / "train" / f"{run}-s0" / "config.yaml").read_text())
+                              for run in ("ts-lora-0.5", name))
+        assert retrained.pop("target_modules") == targets[0] and trained.pop("target_modules") == "all-linear"
+        assert {k: v for k, v in retrained.items() if k != "output_dir"} == \
+               {k: v for k, v in trained.items() if k != "output_dir"}
     for row in rows:  # the stored accuracy is the evaluation of that exported adapter
         acc = json.loads((out / "eval" / f"{row['config']}-s0.json").read_text())
         assert float(row["boolq"]) == acc["boolq"]["acc"]
-    # an unpruned adapter's accuracy, taken from its training run, is what evaluating the exported adapter gives
+    # an adapter exported whole: its accuracy, taken from its training run, is what evaluating the export gives
     from reproduce import TASKS
     from tspeft_rt.evaluate import evaluate_tasks
     from tspeft_rt.generate import load_model_with_adapter
 
-    for config in ("lora", "ts-lora-0.5"):
+    for config in ("lora", "ts-lora-0.5", RETRAINED[0]):
         model, tokenizer, _ = load_model_with_adapter(str(tiny_model_dir), str(out / "adapters" / f"{config}-s0"))
         stored = json.loads((out / "eval" / f"{config}-s0.json").read_text())
         assert evaluate_tasks(model, tokenizer, TASKS, 2) == stored
@@ -54,9 +79,9 @@ def test_frontier_accuracy_part(tmp_path, tiny_model_dir):
 
     # cached: a second run exports and evaluates nothing again
     stamps = {p: p.stat().st_mtime_ns for p in (out / "eval").iterdir()}
-    r = frontier(out, tiny_model_dir)
+    r = frontier(out, tiny_model_dir, configs)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "evaluate" not in r.stdout and "export" not in r.stdout
+    assert not {"training", "evaluate", "export"} & set(r.stdout.split())
     assert {p: p.stat().st_mtime_ns for p in (out / "eval").iterdir()} == stamps
 
 

@@ -1,14 +1,16 @@
-"""The accuracy–serving-cost frontier: dense LoRA, TS-LoRA, and TS-LoRA pruned to a module budget.
+"""The accuracy–serving-cost frontier: dense LoRA, TS-LoRA, and TS-LoRA cut to a module budget.
 
-    python tools/frontier.py --out runs/frontier                  # everything, cached and resumable (~3.5 h, 2 cores)
+    python tools/frontier.py --out runs/frontier                  # everything, cached and resumable (~7 h, 2 cores)
     python tools/frontier.py --out runs/frontier --no-bench       # accuracy only (training, export, evaluation)
+    python tools/frontier.py --out runs/frontier --seeds 0 --configs lora,ts-lora-0.5,ts-keep-quarter-retrained
     python tools/frontier.py --out runs/frontier --report-only    # CSV, table and plot from what is done
 
 1. Train dense LoRA and TS-LoRA (target skip 0.5) per seed with the reproduction study's protocol and
-   settings (`tools/reproduce.py`, into OUT/train/<config>-s<seed>; cached, resumable).
+   settings (`tools/reproduce.py`, into OUT/train/<config>-s<seed>; cached, resumable; ~16 min a run).
 2. Export each run; the TS-LoRA run also pruned to a half and a quarter of its modules, ranked by token
-   keep rate, by weight norm ||sBA||_F and at random (`tspeft-rt export --max-modules B --rank-by R --seed S`). The
-   budget variants are exported from the TS-LoRA run, not retrained: what a user does with a trained adapter.
+   keep rate, by weight norm ||sBA||_F and at random (`tspeft-rt export --max-modules B --rank-by R --seed S`):
+   ts-<ranking>-<budget>, what a user does with an adapter already trained. ts-<ranking>-<budget>-retrained
+   is TS-LoRA trained anew, with the same settings, on just the modules that export keeps (~14 min a run).
 3. Accuracy: `tspeft-rt eval --adapter` (gates applied) on the eight bundled tasks, the first --eval-limit
    validation examples of each; for the unpruned adapters, the trainer's final evaluation (the same).
 4. Serving throughput: `tools/bench_serve.py`'s engine harness (one vLLM engine per adapter in its own
@@ -35,6 +37,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import reproduce  # noqa: E402
 from reproduce import TASKS, cell  # noqa: E402
 
 TRAINED = ("lora", "ts-lora-0.5")
@@ -46,11 +49,16 @@ PAIR_WINDOW_S = 45 * 60  # four adapters and a base take ~25 minutes on 2 cores
 
 
 def configurations() -> dict[str, dict]:
-    """Name -> the trained run its adapter is exported from, and the export's pruning options."""
+    """Name -> the trained run its adapter is exported from, the export's pruning options, and for a
+    retrained budget variant the exported variant whose modules it is trained on."""
     configs = {run: {"run": run} for run in TRAINED}
     for budget, fraction in BUDGETS.items():
         for rank_by in RANKINGS:
             configs[f"ts-{rank_by}-{budget}"] = {"run": "ts-lora-0.5", "max_modules": fraction, "rank_by": rank_by}
+    for budget in BUDGETS:
+        for rank_by in RANKINGS:
+            name = f"ts-{rank_by}-{budget}-retrained"
+            configs[name] = {"run": name, "modules_of": f"ts-{rank_by}-{budget}"}
     return configs
 
 
@@ -64,11 +72,28 @@ def run(cmd: list[str], what: str) -> None:
         sys.exit(f"{what} failed (exit {r.returncode}):\n{r.stderr[-3000:]}")
 
 
-def train(args) -> None:
-    run([sys.executable, str(Path(__file__).parent / "reproduce.py"), "--out", str(args.out / "train"),
-         "--configs", ",".join(TRAINED), "--seeds", ",".join(map(str, args.seeds)), "--model", args.model,
-         "--steps", str(args.steps), "--per-task", str(args.per_task), "--batch-size", str(args.batch_size),
-         "--eval-limit", str(args.eval_limit)], "training (tools/reproduce.py)")
+def study_flags(args) -> list[str]:
+    """tools/reproduce.py's options for the frontier's training runs (its defaults for the rest)."""
+    return ["--out", str(args.out / "train"), "--model", args.model, "--steps", str(args.steps),
+            "--per-task", str(args.per_task), "--batch-size", str(args.batch_size), "--eval-limit", str(args.eval_limit)]
+
+
+def train(args, seed: int, names: list[str]) -> None:
+    """The runs the configurations `names` are exported from, for one seed (cached, resumable): dense LoRA
+    and TS-LoRA by tools/reproduce.py; a retrained budget variant is TS-LoRA with the same settings on
+    just the modules its exported variant keeps (so the two differ only in when the others were dropped)."""
+    configs = configurations()
+    needed = {"ts-lora-0.5" if "modules_of" in configs[n] else configs[n]["run"] for n in names}
+    trained = [c for c in reversed(TRAINED) if c in needed]  # TS-LoRA first: the retrained variants need it
+    if trained:
+        run([sys.executable, reproduce.__file__, *study_flags(args), "--configs", ",".join(trained),
+             "--seeds", str(seed)], "training (tools/reproduce.py)")
+    study = reproduce.parser().parse_args(study_flags(args))
+    for name in names:
+        if "modules_of" in configs[name]:
+            exported = export(args, configs[name]["modules_of"], configs[configs[name]["modules_of"]], seed)
+            kept = json.loads((exported / "adapter_config.json").read_text())["target_modules"]
+            reproduce.run_config(study, "ts-lora-0.5", seed, name=name, overrides={"target_modules": kept})
 
 
 def export(args, name: str, options: dict, seed: int) -> Path:
@@ -223,10 +248,12 @@ def report(args, rows: list[dict]) -> None:
             ratio(group, "prefill"), ratio(group, "decode"), cell(skip) if skip else "-"]) + " |")
     lines.append("")
     for budget in BUDGETS:
-        diff = paired(rows, f"ts-keep-{budget}", f"ts-norm-{budget}")
-        if diff:
-            lines.append(f"- a {budget} of the modules: keep-rate ranking minus weight-norm ranking, average accuracy "
-                         f"(paired by seed, points): {cell(diff, signed=True)}")
+        for retrained in ("", "-retrained"):
+            diff = paired(rows, f"ts-keep-{budget}{retrained}", f"ts-norm-{budget}{retrained}")
+            if diff:
+                lines.append(f"- a {budget} of the modules{', retrained' if retrained else ''}: keep-rate ranking "
+                             f"minus weight-norm ranking, average accuracy (paired by seed, points): "
+                             f"{cell(diff, signed=True)}")
     (args.out / "frontier.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     if any("decode_vs_base" in r for r in rows):
@@ -235,7 +262,8 @@ def report(args, rows: list[dict]) -> None:
 
 def plot(args, by_config: dict[str, list[dict]]) -> None:
     """Accuracy against throughput (a panel per workload): one point per configuration and seed, the
-    configuration's colour and marker shared by its seeds; dense LoRA a star, its mean a dashed line."""
+    configuration's colour and marker shared by its seeds, a retrained budget variant hollow; dense LoRA a
+    star, its mean a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -247,8 +275,9 @@ def plot(args, by_config: dict[str, list[dict]]) -> None:
         for i, (config, group) in enumerate(by_config.items()):
             done = [r for r in group if f"{w}_vs_base" in r]
             marker = "*" if config == "lora" else markers.get(config.split("-")[1], "D")
-            ax.scatter([r[f"{w}_vs_base"] for r in done], [100 * r["average"] for r in done], color=f"C{i}",
-                       marker=marker, s=140 if config == "lora" else 45, label=config)
+            fill = "none" if config.endswith("-retrained") else f"C{i}"
+            ax.scatter([r[f"{w}_vs_base"] for r in done], [100 * r["average"] for r in done], edgecolors=f"C{i}",
+                       facecolors=fill, marker=marker, s=140 if config == "lora" else 45, label=config)
         ax.axhline(100 * statistics.mean(r["average"] for r in by_config["lora"]), ls="--", lw=0.8, color="grey")
         ax.axvline(1.0, lw=0.8, color="black")
         ax.set_xlabel(f"{w} throughput / base in vLLM's default mode")
@@ -264,6 +293,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("runs/frontier"))
     ap.add_argument("--seeds", default="0,1", help="comma-separated training seeds")
+    ap.add_argument("--configs", default=",".join(configurations()),
+                    help=f"comma-separated, of: {', '.join(configurations())}")
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--steps", type=int, default=100, help="training steps (tools/reproduce.py)")
     ap.add_argument("--per-task", type=int, default=100, help="training examples per task (tools/reproduce.py)")
@@ -273,12 +304,17 @@ def main() -> None:
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args()
     args.seeds = [int(s) for s in args.seeds.split(",")]
+    names = args.configs.split(",")
+    unknown = set(names) - set(configurations())
+    if unknown:
+        sys.exit(f"--configs: unknown {sorted(unknown)}; choose from {', '.join(configurations())}")
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.report_only:
-        train(args)
         adapters = {}
-        for seed in args.seeds:
-            for name, options in configurations().items():
+        for seed in args.seeds:  # seed by seed: a pass stopped early leaves whole seeds behind
+            train(args, seed, names)
+            for name in names:
+                options = configurations()[name]
                 adapters[f"{name}-s{seed}"] = export(args, name, options, seed)
                 evaluate(args, name, options, adapters[f"{name}-s{seed}"], seed)
         if not args.no_bench:

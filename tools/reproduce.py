@@ -69,23 +69,24 @@ def train_settings(args, config: str, seed: int, run: Path) -> dict:
     return {**common, **CONFIGS[config]}
 
 
-def run_config(args, config: str, seed: int) -> None:
-    """Train (or resume) one configuration in a child process; time it and take its peak RSS."""
-    run = args.out / f"{config}-s{seed}"
+def run_config(args, config: str, seed: int, name: str | None = None, overrides: dict | None = None) -> None:
+    """Train (or resume) one configuration, into OUT/<name or config>-s<seed> with `overrides` of its
+    settings where given, in a child process; time it and take its peak RSS."""
+    run = args.out / f"{name or config}-s{seed}"
     if (run / "results.json").exists():
         return
-    settings = train_settings(args, config, seed, run)
+    settings = {**train_settings(args, config, seed, run), **(overrides or {})}
     cmd = [*CLI, "train", *[f"--set={k}={json.dumps(v)}" for k, v in settings.items()]]
     if (run / "checkpoints" / "latest").exists():
         cmd.append("--resume")
-    print(f"[{time.strftime('%H:%M:%S')}] {config} seed {seed}: {'resuming' if '--resume' in cmd else 'training'}",
-          flush=True)
+    print(f"[{time.strftime('%H:%M:%S')}] {name or config} seed {seed}: "
+          f"{'resuming' if '--resume' in cmd else 'training'}", flush=True)
     start = time.perf_counter()
     proc = subprocess.Popen(cmd)
     _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
-        sys.exit(f"{config} seed {seed} failed (exit {os.waitstatus_to_exitcode(status)}); rerun to resume")
+        sys.exit(f"{name or config} seed {seed} failed (exit {os.waitstatus_to_exitcode(status)}); rerun to resume")
     timing = run / "timing.json"  # parts of an interrupted run add up
     previous = json.loads(timing.read_text()) if timing.exists() else {"train_eval_s": 0.0, "peak_rss_mb": 0.0}
     timing.write_text(json.dumps({"train_eval_s": previous["train_eval_s"] + seconds,
@@ -212,7 +213,7 @@ def check_settings(args) -> None:
     path.write_text(json.dumps(settings))
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("runs/reproduce"))
     ap.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, of: {', '.join(CONFIGS)}")
@@ -225,7 +226,11 @@ def main() -> None:
     ap.add_argument("--eval-limit", type=int, default=60, help="validation examples per task")
     ap.add_argument("--save-every", type=int, default=25)
     ap.add_argument("--report-only", action="store_true")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = parser().parse_args()
     args.seeds = [int(s) for s in args.seeds.split(",")]
     unknown = set(args.configs.split(",")) - set(CONFIGS)
     if unknown:
