@@ -83,17 +83,17 @@ def train(args, seed: int, names: list[str]) -> None:
     and TS-LoRA by tools/reproduce.py; a retrained budget variant is TS-LoRA with the same settings on
     just the modules its exported variant keeps (so the two differ only in when the others were dropped)."""
     configs = configurations()
-    needed = {"ts-lora-0.5" if "modules_of" in configs[n] else configs[n]["run"] for n in names}
+    retrained = [n for n in names if "modules_of" in configs[n]]
+    needed = {configs[n]["run"] for n in names if n not in retrained} | ({"ts-lora-0.5"} if retrained else set())
     trained = [c for c in reversed(TRAINED) if c in needed]  # TS-LoRA first: the retrained variants need it
     if trained:
         run([sys.executable, reproduce.__file__, *study_flags(args), "--configs", ",".join(trained),
              "--seeds", str(seed)], "training (tools/reproduce.py)")
     study = reproduce.parser().parse_args(study_flags(args))
-    for name in names:
-        if "modules_of" in configs[name]:
-            exported = export(args, configs[name]["modules_of"], configs[configs[name]["modules_of"]], seed)
-            kept = json.loads((exported / "adapter_config.json").read_text())["target_modules"]
-            reproduce.run_config(study, "ts-lora-0.5", seed, name=name, overrides={"target_modules": kept})
+    for name in retrained:
+        source = configs[name]["modules_of"]
+        kept = json.loads((export(args, source, configs[source], seed) / "adapter_config.json").read_text())
+        reproduce.run_config(study, "ts-lora-0.5", seed, name=name, overrides={"target_modules": kept["target_modules"]})
 
 
 def export(args, name: str, options: dict, seed: int) -> Path:
@@ -304,19 +304,18 @@ def main() -> None:
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args()
     args.seeds = [int(s) for s in args.seeds.split(",")]
-    names = args.configs.split(",")
-    unknown = set(names) - set(configurations())
+    names, configs = args.configs.split(","), configurations()
+    unknown = set(names) - set(configs)
     if unknown:
-        sys.exit(f"--configs: unknown {sorted(unknown)}; choose from {', '.join(configurations())}")
+        sys.exit(f"--configs: unknown {sorted(unknown)}; choose from {', '.join(configs)}")
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.report_only:
         adapters = {}
         for seed in args.seeds:  # seed by seed: a pass stopped early leaves whole seeds behind
             train(args, seed, names)
             for name in names:
-                options = configurations()[name]
-                adapters[f"{name}-s{seed}"] = export(args, name, options, seed)
-                evaluate(args, name, options, adapters[f"{name}-s{seed}"], seed)
+                adapters[f"{name}-s{seed}"] = export(args, name, configs[name], seed)
+                evaluate(args, name, configs[name], adapters[f"{name}-s{seed}"], seed)
         if not args.no_bench:
             bench(args, adapters)
     report(args, collect(args))
