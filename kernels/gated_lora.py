@@ -6,17 +6,18 @@ slot l and slice s a LoRA pair A_s[l] [r, in], B_s[l] [N_s, r] (the scaling fold
 stores it) and a threshold tau_s[l]. With `base = W0 x + b` already in `output`:
 
     h       = A[slot] x                    every slot's shrink at once, then each token keeps its own slot's
-    m_s     = B_s[slot] h_s                the delta, slice s
     on_s    = slot >= 0  and  ||m_s||^2 >= max(tau_s^2 max(||base_s||^2, eps^2), floor)   fp32, as
-              tspeft_rt.gate.gate_keep decides in training (the norms of the delta itself)
-    output[:, slice s] += on_s * m_s
+              tspeft_rt.gate.gate_keep decides in training, with ||m_s||^2 = ||B_s h_s||^2 = h_s^T G_s h_s
+              from the slot's Gram matrix G_s = B_s^T B_s (fp32): the decision needs no delta
+    output[:, slice s] += B_s[slot] (on_s * h_s)       one expand, the off tokens' shrink zeroed
 
 For a DoRA adapter the delta is DoRA's output minus the base's, with c_s[slot] = mag / ||W0 + B A||_row
 per output row of the slice (a constant once the adapter takes its slot; `dora_scale`):
 
     m_s     = (c_s[slot] - 1) * (W0 x)_s + c_s[slot] * B_s[slot] h_s        (W0 x = base minus the bias)
 
-and the gate reads the norm of that delta, as TS-DoRA does in training. A layer built with `dora` holds
+and the gate reads the norm of that delta, as TS-DoRA does in training (the delta is built first, then
+masked: its norm has no Gram form). A layer built with `dora` holds
 c for every slot (1 for LoRA slots and slices without a magnitude, which leaves their delta exact).
 
 tau = 0 keeps every token (plain LoRA); tokens without an adapter never get a delta. A slice the
@@ -26,13 +27,16 @@ slot's adapter has no weights for (k of a q,v adapter; a module pruned at export
 Under tensor parallelism a rank holds part of a layer, and `Shards` completes what the gate reads
 with an all-reduce: the shrink h of a row-parallel layer (a partial sum over its share of the inputs;
 `output` already all-reduced), or ||m_s||^2 and ||base_s||^2 of a column-parallel one (partial sums
-over its share of the outputs). Every rank then takes the decision one device takes.
+over its share of the outputs: its Gram matrices are those of its rows of B). Every rank then takes the
+decision one device takes.
 
 The path is written for vLLM's Inductor compilation on CPU (`tspeft_rt.serve.plugin` keeps it on with
 gated adapters): a fixed sequence of tensor ops whose shapes depend only on T and the layer, with no
 host synchronisation and no Python branch on data or on which adapters are loaded, so vLLM traces it
 once into the model's graph and Inductor fuses the norms, the decision, the mask and the add into a few
-loops around the two matmuls. The price of that shape is arithmetic: every token runs every slot's
+loops around the two matmuls. The Gram form keeps the decision off the [T, sum N] delta: only the base's
+norms and the add read whole output rows, which is what a prefill-sized call pays for (README,
+*Serving throughput on CPU*). The price of that shape is arithmetic: every token runs every slot's
 shrink and expand ([T, in] x [in, L*S*r] and [T, L*S*r] x [L*S*r, N], the other slots' blocks of h
 zeroed), i.e. max_loras times plain LoRA's multiply-adds, and off tokens are masked, not skipped. At
 LoRA ranks that is a few per cent of the base layer per slot (serve CPU with --max-loras as small as
@@ -76,12 +80,13 @@ class PackedLoRA:
     slices each slot covers, and the Gram matrices [L, S*r, S*r] fp32 the Triton kernels decide with.
     Without `pack_weights` (the Triton path, which reads vLLM's own buffers) the weights are not copied.
     With `dora`: the DoRA scale c [L, sum N] fp32 per slot (ones: LoRA) and the `bias` the base output
-    includes (None: no bias), to recover W0 x. Every tensor is allocated once and updated in place, so a
+    includes (None: no bias), to recover W0 x. `counted` [sum N] (1/0, `Shards.counted`): the output rows
+    the Gram matrices sum over (None: all). Every tensor is allocated once and updated in place, so a
     graph traced over them stays valid."""
 
     def __init__(self, max_loras: int, rank: int, in_features: int, output_slices: Sequence[int],
                  dtype: torch.dtype, device: torch.device | str, pack_weights: bool = True, dora: bool = False,
-                 bias: Tensor | None = None) -> None:
+                 bias: Tensor | None = None, counted: Tensor | None = None) -> None:
         s, n = len(output_slices), sum(output_slices)
         self.max_loras, self.rank, self.output_slices = max_loras, rank, tuple(output_slices)
         self.offsets = [sum(output_slices[:i]) for i in range(s + 1)]
@@ -96,6 +101,7 @@ class PackedLoRA:
                                                     torch.tensor(output_slices, device=device))
         self.scale = torch.ones(max_loras, n, dtype=torch.float32, device=device) if dora else None
         self.bias = bias
+        self.counted = counted
 
     def set_slot(self, slot: int, lora_a: Sequence[Tensor], lora_b: Sequence[Tensor],
                  covered: Sequence[bool] | None = None) -> None:
@@ -111,6 +117,8 @@ class PackedLoRA:
                 cols = slice(slot * sr + s * r, slot * sr + (s + 1) * r)
                 self.a[cols] = a
                 self.b[self.offsets[s]:self.offsets[s + 1], cols] = b
+            if self.counted is not None:
+                b = b * self.counted[self.offsets[s]:self.offsets[s + 1], None].to(b.dtype)
             self.gram[slot, s * r:(s + 1) * r, s * r:(s + 1) * r] = gram(b)
 
     def reset_slot(self, slot: int) -> None:
@@ -171,8 +179,13 @@ def gated_lora(output: Tensor, x: Tensor, packed: PackedLoRA, slots: Tensor, cou
     entries are read; -1 = no adapter). `counters` [2, L] int64, when given, gets each slot's routed
     (token, covered slice) and kept updates added. `shards`: how a tensor-parallel layer completes what
     its rank holds in part (None: one device)."""
-    delta, on, mine = gate_decisions(output, x, packed, slots, shards)
-    output += (delta * on[:, packed.column_slice]).to(output.dtype)
+    h, dora_delta, on, mine = gate_decisions(output, x, packed, slots, shards)
+    if dora_delta is None:
+        t, s = h.shape[0], len(packed.output_slices)
+        kept = (h.view(t, packed.max_loras, s, packed.rank) * on[:, None, :, None]).flatten(1)
+        output += (kept @ packed.b.T).to(output.dtype)
+    else:
+        output += (dora_delta * on[:, packed.column_slice]).to(output.dtype)
     if counters is not None:
         counters[0] += mine.sum(0) * packed.covered.sum(1)
         counters[1] += (mine * on.sum(1, keepdim=True)).sum(0)
@@ -195,26 +208,32 @@ class Shards:
 
 
 def gate_decisions(output: Tensor, x: Tensor, packed: PackedLoRA, slots: Tensor,
-                   shards: Shards | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """(delta [T, sum N] of each token's own adapter, on [T, S] the gate's decisions, mine [T, L] each
-    token's slot as a mask) for the base output `output` (read only)."""
+                   shards: Shards | None = None) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
+    """(h [T, L, S*r] each token's own slot's shrink (the other slots' blocks zero), DoRA's delta
+    [T, sum N] (None on a layer without DoRA state: LoRA decides from h and the Gram matrices), on [T, S]
+    the gate's decisions, mine [T, L] each token's slot as a mask) for the base output `output` (read only)."""
     t = x.shape[0]
     mine = slots[:t].unsqueeze(1) == packed.slot_ids  # one True per token with an adapter
     h = (x.to(packed.a.dtype) @ packed.a.T).view(t, packed.max_loras, -1) * mine.unsqueeze(2)
     if shards is not None and shards.sum_shrink is not None:
         h = shards.sum_shrink(h)
-    delta = h.flatten(1) @ packed.b.T
     slot = slots[:t].long().clamp_min(0)
-    if packed.scale is not None:  # DoRA: (c - 1) W0 x + c B A x, with c = 1 for LoRA slots
+    counted = None if shards is None else shards.counted
+    delta = None
+    if packed.scale is None:
+        hf = h.float()
+        delta_sq = (torch.einsum("tli,lij->tlj", hf, packed.gram) * hf).view(t, packed.max_loras, -1, packed.rank)
+        delta_sq = delta_sq.sum((1, 3))
+    else:  # DoRA: (c - 1) W0 x + c B A x, with c = 1 for LoRA slots
         c = packed.scale[slot]
         w0x = output if packed.bias is None else output - packed.bias
-        delta = (c - 1) * w0x.float() + c * delta.float()
-    counted = None if shards is None else shards.counted
-    norms = torch.stack([slice_sq_norms(v, packed.offsets, counted) for v in (delta, output)])
+        delta = (c - 1) * w0x.float() + c * (h.flatten(1) @ packed.b.T).float()
+        delta_sq = slice_sq_norms(delta, packed.offsets, counted)
+    norms = torch.stack([delta_sq, slice_sq_norms(output, packed.offsets, counted)])
     if shards is not None and shards.sum_norms is not None:
         norms = shards.sum_norms(norms)
     on = keep_from_thresholds(norms[0], norms[1], packed.tau_sq[slot], packed.floor[slot])
-    return delta, on & packed.covered[slot] & mine.any(1, keepdim=True), mine
+    return h, delta, on & packed.covered[slot] & mine.any(1, keepdim=True), mine
 
 
 def slice_sq_norms(t: Tensor, offsets: Sequence[int], counted: Tensor | None = None) -> Tensor:

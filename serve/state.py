@@ -79,7 +79,8 @@ class GatedSlots:
         self.num_slices = len(output_slices)
         max_loras, rank, in_features = lora_a[0].shape[0], lora_a[0].shape[-2], lora_a[0].shape[-1]
         self.packed = PackedLoRA(max_loras, rank, in_features, output_slices, lora_a[0].dtype, device,
-                                 pack_weights=not self.use_triton, dora=dora, bias=bias)
+                                 pack_weights=not self.use_triton, dora=dora, bias=bias,
+                                 counted=None if shards is None else shards.counted)
         if self.use_triton:
             self.weights = LoRAWeights.from_buffers(lora_a, lora_b, output_slices)
             self.grams, self.taus = packed_gate_views(self.packed.gram, self.packed.tau)

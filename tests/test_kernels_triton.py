@@ -346,7 +346,7 @@ def test_dora_serving_matches_pytorch(monkeypatch, name, slices, rank, dtype, T,
         if slot > 0:
             packed.set_scale(slot, 1 + 0.3 * torch.randn(n, device=DEVICE))
     # thresholds in gaps of each DoRA slot's ratios ||delta|| / ||base||, from the PyTorch path's own deltas
-    delta, _, _ = gate_decisions(case.base, case.x, packed, case.slots)
+    _, delta, _, _ = gate_decisions(case.base, case.x, packed, case.slots)
     for slot in range(1, L):
         rows = case.slots == slot
         ratios = [row_sq_norm(delta[rows, lo:hi]) / row_sq_norm(case.base[rows, lo:hi])

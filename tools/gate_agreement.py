@@ -3,17 +3,17 @@
     python tools/gate_agreement.py --adapter runs/demo/adapter [--model smollm2-135m-instruct] [--prompts 32]
 
 Training decides with ||m||^2 computed from the delta itself (`tspeft_rt.layers`, fp32). Serving
-decides on CPU the same way, from the delta of the served dtype (`tspeft_rt.kernels.gated_lora`); the
-Triton kernels decide before any expand, with ||B h||^2 = h^T (B^T B) h from the Gram matrix (their
-math, in PyTorch here). All compare against tau^2 ||W0 x + b||^2 with `tspeft_rt.gate`'s helpers. For
-each adapted module, on the same inputs (the fp32 model's activations over validation prompts of the
-bundled tasks), this counts the decisions that differ from training's:
+decides before any expand, with ||B h||^2 = h^T (B^T B) h from the Gram matrix of the served dtype's
+weights: the CPU path (`tspeft_rt.kernels.gated_lora`, run here) and the Triton kernels share that math.
+Both compare against tau^2 ||W0 x + b||^2 with `tspeft_rt.gate`'s helpers. For each adapted module, on
+the same inputs (the fp32 model's activations over validation prompts of the bundled tasks), this
+counts the decisions that differ from training's:
 
-    cpu fp32 / gram fp32: weights, activations and base output fp32 (what `tspeft-rt serve` runs on CPU)
-    cpu bf16 / gram bf16: the same inputs, weights and base output rounded to bf16 (a bf16 deployment's
-                          gate arithmetic; its activations would differ further, upstream of the gate)
+    serving fp32: weights, activations and base output fp32 (what `tspeft-rt serve` runs on CPU)
+    serving bf16: the same inputs, weights and base output rounded to bf16 (a bf16 deployment's gate
+                  arithmetic; its activations would differ further, upstream of the gate)
 
-Prints one line per path and precision: flips / decisions, and how many of the flips lie within 1% of tau.
+Prints one line per precision: flips / decisions, and how many of the flips lie within 1% of tau.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from tspeft_rt.data import load_task
 from tspeft_rt.gate import gate_keep, row_sq_norm
 from tspeft_rt.generate import load_model_with_adapter
 from tspeft_rt.inject import adapted_layers
-from tspeft_rt.kernels.gated_lora import PackedLoRA, gate_decisions, slice_sq_norms
+from tspeft_rt.kernels.gated_lora import PackedLoRA, gate_decisions
 
 
 def capture_inputs(model, tokenizer, texts: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -49,9 +49,8 @@ def capture_inputs(model, tokenizer, texts: list[str]) -> dict[str, tuple[torch.
     return {name: (torch.cat([x for x, _ in pairs]), torch.cat([b for _, b in pairs])) for name, pairs in inputs.items()}
 
 
-def decisions(layer, x: torch.Tensor, base: torch.Tensor, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor],
-                                                                                        torch.Tensor]:
-    """({path: where its decisions in `dtype` differ from training's, per token}, the ratio / tau)."""
+def decisions(layer, x: torch.Tensor, base: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(where serving's decisions in `dtype` differ from training's, per token; the ratio / tau)."""
     a, b, tau = layer.lora_A.weight.float(), layer.lora_B.weight.float() * layer.scaling, layer.token_gate.tau
     with torch.no_grad():
         m = (x @ a.T) @ b.T
@@ -60,26 +59,23 @@ def decisions(layer, x: torch.Tensor, base: torch.Tensor, dtype: torch.dtype) ->
         packed.set_slot(0, [a.to(dtype)], [b.to(dtype)])
         packed.set_gate(0, [float(tau)])
         base = base.to(dtype)
-        cpu = gate_decisions(base, x.to(dtype), packed, torch.zeros(len(x), dtype=torch.long))[1][:, 0]
-        h = (x.to(dtype) @ packed.a.T).float()
-        gram = gate_keep(((h @ packed.gram[0]) * h).sum(-1), slice_sq_norms(base, packed.offsets)[:, 0], tau)
+        serving = gate_decisions(base, x.to(dtype), packed, torch.zeros(len(x), dtype=torch.long))[2][:, 0]
         closeness = (row_sq_norm(m) / row_sq_norm(base).clamp_min(1e-30)).sqrt() / tau.clamp_min(1e-30)
-    return {"cpu": train != cpu, "gram": train != gram}, closeness
+    return train != serving, closeness
 
 
 def agreement(model, tokenizer, texts: list[str]) -> dict[str, dict[str, int]]:
-    """{path precision: {decisions, flips, flips_within_1pct_of_tau}} over every gated module."""
+    """{"serving <precision>": {decisions, flips, flips_within_1pct_of_tau}} over every gated module."""
     captured = capture_inputs(model, tokenizer, texts)
     layers = adapted_layers(model)
     out = {}
     for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         for name, (x, base) in captured.items():
-            flipped, closeness = decisions(layers[name], x, base, dtype)
-            for path, f in flipped.items():
-                r = out.setdefault(f"{path} {precision}", {"decisions": 0, "flips": 0, "flips_within_1pct_of_tau": 0})
-                r["decisions"] += f.numel()
-                r["flips"] += int(f.sum())
-                r["flips_within_1pct_of_tau"] += int((f & ((closeness - 1).abs() < 0.01)).sum())
+            f, closeness = decisions(layers[name], x, base, dtype)
+            r = out.setdefault(f"serving {precision}", {"decisions": 0, "flips": 0, "flips_within_1pct_of_tau": 0})
+            r["decisions"] += f.numel()
+            r["flips"] += int(f.sum())
+            r["flips_within_1pct_of_tau"] += int((f & ((closeness - 1).abs() < 0.01)).sum())
     return out
 
 
