@@ -96,6 +96,7 @@ class PackedLoRA:
         self.tau = torch.full((max_loras, s), UNCOVERED, dtype=torch.float32, device=device)
         self.tau_sq, self.floor = gate_thresholds(self.tau)  # what the gate compares against
         self.covered = torch.zeros(max_loras, s, dtype=torch.bool, device=device)
+        self.covered_count = torch.zeros(max_loras, dtype=torch.int64, device=device)  # routed updates per token
         self.slot_ids = torch.arange(max_loras, device=device)
         self.column_slice = torch.repeat_interleave(torch.arange(s, device=device),
                                                     torch.tensor(output_slices, device=device))
@@ -110,6 +111,7 @@ class PackedLoRA:
         self.reset_slot(slot)
         covered = [True] * len(self.output_slices) if covered is None else list(covered)
         self.covered[slot] = torch.tensor(covered)
+        self.covered_count[slot] = sum(covered)
         self.set_gate(slot, [None] * len(covered))  # plain LoRA on the covered slices until a gate is set
         r, sr = self.rank, len(self.output_slices) * self.rank
         for s, (a, b) in enumerate(zip(lora_a, lora_b)):
@@ -128,6 +130,7 @@ class PackedLoRA:
             self.b[:, slot * sr:(slot + 1) * sr] = 0
         self.gram[slot] = 0
         self.covered[slot] = False
+        self.covered_count[slot] = 0
         if self.scale is not None:
             self.scale[slot] = 1.0
         self.set_gate(slot, [None] * len(self.output_slices))
@@ -180,14 +183,13 @@ def gated_lora(output: Tensor, x: Tensor, packed: PackedLoRA, slots: Tensor, cou
     (token, covered slice) and kept updates added. `shards`: how a tensor-parallel layer completes what
     its rank holds in part (None: one device)."""
     h, dora_delta, on, mine = gate_decisions(output, x, packed, slots, shards)
-    if dora_delta is None:
-        t, s = h.shape[0], len(packed.output_slices)
-        kept = (h.view(t, packed.max_loras, s, packed.rank) * on[:, None, :, None]).flatten(1)
-        output += (kept @ packed.b.T).to(output.dtype)
+    if dora_delta is None:  # one expand of the kept (token, slice) pairs' shrink, each token's own slot's
+        kept = h * (mine.unsqueeze(2) & on.unsqueeze(1)).unsqueeze(3)
+        output += (kept.flatten(1) @ packed.b.T).to(output.dtype)
     else:
         output += (dora_delta * on[:, packed.column_slice]).to(output.dtype)
     if counters is not None:
-        counters[0] += mine.sum(0) * packed.covered.sum(1)
+        counters[0] += mine.sum(0) * packed.covered_count
         counters[1] += (mine * on.sum(1, keepdim=True)).sum(0)
 
 
@@ -209,25 +211,26 @@ class Shards:
 
 def gate_decisions(output: Tensor, x: Tensor, packed: PackedLoRA, slots: Tensor,
                    shards: Shards | None = None) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
-    """(h [T, L, S*r] each token's own slot's shrink (the other slots' blocks zero), DoRA's delta
+    """(h [T, L, S, r] every slot's shrink (a token's own slot is its True in `mine`), DoRA's delta
     [T, sum N] (None on a layer without DoRA state: LoRA decides from h and the Gram matrices), on [T, S]
     the gate's decisions, mine [T, L] each token's slot as a mask) for the base output `output` (read only)."""
-    t = x.shape[0]
+    t, s = x.shape[0], len(packed.output_slices)
     mine = slots[:t].unsqueeze(1) == packed.slot_ids  # one True per token with an adapter
-    h = (x.to(packed.a.dtype) @ packed.a.T).view(t, packed.max_loras, -1) * mine.unsqueeze(2)
+    h = (x.to(packed.a.dtype) @ packed.a.T).view(t, packed.max_loras, s, packed.rank)
     if shards is not None and shards.sum_shrink is not None:
         h = shards.sum_shrink(h)
     slot = slots[:t].long().clamp_min(0)
     counted = None if shards is None else shards.counted
     delta = None
-    if packed.scale is None:
-        hf = h.float()
-        delta_sq = (torch.einsum("tli,lij->tlj", hf, packed.gram) * hf).view(t, packed.max_loras, -1, packed.rank)
-        delta_sq = delta_sq.sum((1, 3))
+    if packed.scale is None:  # ||B_s h_s||^2 = h_s^T G_s h_s for every slot, then each token's own
+        hf = h.float().flatten(2)
+        per_slot = (torch.einsum("tli,lij->tlj", hf, packed.gram) * hf).view(t, packed.max_loras, s, -1).sum(3)
+        delta_sq = (per_slot * mine.unsqueeze(2)).sum(1)
     else:  # DoRA: (c - 1) W0 x + c B A x, with c = 1 for LoRA slots
         c = packed.scale[slot]
         w0x = output if packed.bias is None else output - packed.bias
-        delta = (c - 1) * w0x.float() + c * (h.flatten(1) @ packed.b.T).float()
+        own = (h * mine[:, :, None, None]).flatten(1)
+        delta = (c - 1) * w0x.float() + c * (own @ packed.b.T).float()
         delta_sq = slice_sq_norms(delta, packed.offsets, counted)
     norms = torch.stack([delta_sq, slice_sq_norms(output, packed.offsets, counted)])
     if shards is not None and shards.sum_norms is not None:

@@ -165,9 +165,9 @@ def reference_norms(p: dict) -> tuple[torch.Tensor, torch.Tensor]:
     for n in p["slices"]:
         off.append(off[-1] + n)
     packed = packed_reference(p)
-    h, delta, _, _ = gate_decisions(p["base"], p["x"], packed, p["slots"])
-    if delta is None:  # LoRA decides from h; the norms of its delta are those of B h
-        delta = h.flatten(1) @ packed.b.T
+    h, delta, _, mine = gate_decisions(p["base"], p["x"], packed, p["slots"])
+    if delta is None:  # LoRA decides from h; the norms of its delta are those of B h, h of the token's slot
+        delta = (h * mine[:, :, None, None]).flatten(1) @ packed.b.T
     return slice_sq_norms(delta, off).T, slice_sq_norms(p["base"], off).T
 
 
