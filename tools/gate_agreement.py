@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                                     args.prompts)]
     result = agreement(model, tokenizer, texts)
     for label, r in result.items():
-        print(f"serving ({label}): {r['flips']} of {r['decisions']} gate decisions differ from training "
+        print(f"{label}: {r['flips']} of {r['decisions']} gate decisions differ from training "
               f"({100 * r['flips'] / r['decisions']:.4f} %), {r['flips_within_1pct_of_tau']} of them within 1 % of tau")
     print(json.dumps(result))
     return 0
