@@ -229,14 +229,18 @@ def gate_decisions(output: Tensor, x: Tensor, packed: PackedLoRA, slots: Tensor,
     else:  # DoRA: (c - 1) W0 x + c B A x, with c = 1 for LoRA slots
         c = packed.scale[slot]
         w0x = output if packed.bias is None else output - packed.bias
-        own = (h * mine[:, :, None, None]).flatten(1)
-        delta = (c - 1) * w0x.float() + c * (own @ packed.b.T).float()
+        delta = (c - 1) * w0x.float() + c * own_lora_delta(h, mine, packed).float()
         delta_sq = slice_sq_norms(delta, packed.offsets, counted)
     norms = torch.stack([delta_sq, slice_sq_norms(output, packed.offsets, counted)])
     if shards is not None and shards.sum_norms is not None:
         norms = shards.sum_norms(norms)
     on = keep_from_thresholds(norms[0], norms[1], packed.tau_sq[slot], packed.floor[slot])
     return h, delta, on & packed.covered[slot] & mine.any(1, keepdim=True), mine
+
+
+def own_lora_delta(h: Tensor, mine: Tensor, packed: PackedLoRA) -> Tensor:
+    """B[slot] h [T, sum N]: each token's own slot's LoRA delta, from `gate_decisions`' h and mine."""
+    return (h * mine[:, :, None, None]).flatten(1) @ packed.b.T
 
 
 def slice_sq_norms(t: Tensor, offsets: Sequence[int], counted: Tensor | None = None) -> Tensor:

@@ -50,7 +50,7 @@ import_repo()
 
 from tspeft_rt.gate import gate_keep, row_sq_norm  # noqa: E402
 from tspeft_rt.kernels.gated_lora import (PackedLoRA, gate_decisions, gated_lora, gram, lora_segments,  # noqa: E402
-                                          slice_sq_norms)
+                                          own_lora_delta, slice_sq_norms)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -166,8 +166,8 @@ def reference_norms(p: dict) -> tuple[torch.Tensor, torch.Tensor]:
         off.append(off[-1] + n)
     packed = packed_reference(p)
     h, delta, _, mine = gate_decisions(p["base"], p["x"], packed, p["slots"])
-    if delta is None:  # LoRA decides from h; the norms of its delta are those of B h, h of the token's slot
-        delta = (h * mine[:, :, None, None]).flatten(1) @ packed.b.T
+    if delta is None:  # LoRA decides from h; its delta is built here only to set the taus
+        delta = own_lora_delta(h, mine, packed)
     return slice_sq_norms(delta, off).T, slice_sq_norms(p["base"], off).T
 
 
