@@ -417,27 +417,29 @@ def _(x, lora_a, a_table, taus, sorted_idx, counts, starts):
 @torch.library.custom_op("tspeft::gated_expand", mutates_args=("output", "counters", "on"))
 def gated_expand(output: Tensor, h: Tensor, lora_b: list[Tensor], b_table: Tensor, grams: Tensor, taus: Tensor,
                  sorted_idx: Tensor, counts: Tensor, starts: Tensor, output_slices: list[int],
-                 counters: Tensor | None = None, on: Tensor | None = None, scale: Tensor | None = None,
+                 counters: Tensor | None, on: Tensor | None, scale: Tensor | None = None,
                  bias: Tensor | None = None) -> None:
     """The gate and the expand fused: output[t, slice s] += B_s[slot] h[s, t] where the gate keeps
     (token t, slice s), in place. `counters` [2, L] int64, when given, gets each slot's routed and kept
     (token, slice) updates added; `on` [S, T] int8, when given, gets the decisions of the tokens with
-    an adapter (tests, checks); `scale` [L, sum N] fp32 (and the base's `bias`): DoRA's delta."""
+    an adapter (tests, checks); `scale` [L, sum N] fp32 (and the base's `bias`): DoRA's delta.
+    The mutated optional arguments have no default: torch < 2.13 bumps the version of each mutated
+    argument by position without filling defaults first, so an omitted one raises IndexError."""
     _require_triton()
     _gated_expand(output, h, lora_b, b_table, grams, taus, sorted_idx, counts, starts, output_slices, counters, on,
                   scale, bias)
 
 
 @gated_expand.register_fake
-def _(output, h, lora_b, b_table, grams, taus, sorted_idx, counts, starts, output_slices, counters=None, on=None,
-      scale=None, bias=None):
+def _(output, h, lora_b, b_table, grams, taus, sorted_idx, counts, starts, output_slices, counters, on, scale=None,
+      bias=None):
     return None
 
 
 @torch.library.custom_op("tspeft::gated_lora", mutates_args=("output", "counters"))
 def _gated_lora_op(output: Tensor, x: Tensor, lora_a: list[Tensor], lora_b: list[Tensor], a_table: Tensor,
                    b_table: Tensor, grams: Tensor, taus: Tensor, sorted_idx: Tensor, counts: Tensor, starts: Tensor,
-                   output_slices: list[int], counters: Tensor | None = None, scale: Tensor | None = None,
+                   output_slices: list[int], counters: Tensor | None, scale: Tensor | None = None,
                    bias: Tensor | None = None) -> None:
     _require_triton()
     h = _shrink(x, lora_a, a_table, taus, sorted_idx, counts, starts)
@@ -447,7 +449,7 @@ def _gated_lora_op(output: Tensor, x: Tensor, lora_a: list[Tensor], lora_b: list
 
 @_gated_lora_op.register_fake
 def _(output, x, lora_a, lora_b, a_table, b_table, grams, taus, sorted_idx, counts, starts, output_slices,
-      counters=None, scale=None, bias=None):
+      counters, scale=None, bias=None):
     return None
 
 

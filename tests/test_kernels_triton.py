@@ -186,20 +186,27 @@ class Case:
         """on [S, T] int8 of the fused gate (written for tokens with an adapter; 0 elsewhere)."""
         on = torch.zeros(len(self.slices), self.x.shape[0], dtype=torch.int8, device=self.x.device)
         tg.gated_expand(self.base.clone(), h, self.B, self.weights.b_table, self.G, self.taus,
-                        *lora_segments(self.slots, self.L), self.slices, on=on)
+                        *lora_segments(self.slots, self.L), self.slices, None, on)
         return on
 
 
 def assert_matches(out: torch.Tensor, ref: torch.Tensor, base: torch.Tensor, on: torch.Tensor, off: list[int],
                    skip: torch.Tensor | None = None) -> None:
     """Per slice: pairs on in the reference match it, the others keep the base bit for bit.
-    `skip` [S, T]: pairs not checked (GPU tests: tokens at the threshold within rounding)."""
+    `skip` [S, T]: pairs not checked (GPU tests: tokens at the threshold within rounding).
+    The relative tolerance applies to the sum's operands, |base| + |delta|, not to the sum: where
+    they cancel, one rounding more or less of either (the kernel adds in fp32 and rounds once) moves
+    the result by an ulp of the operands (seen on an H200: 1 fp16 ulp at 4..8 on results near 0)."""
     for s in range(on.shape[0]):
         cols = slice(off[s], off[s + 1])
         keep = ~skip[s] if skip is not None else torch.ones_like(on[s])
         rows_on, rows_off = on[s] & keep, ~on[s] & keep
         assert torch.equal(out[rows_off, cols], base[rows_off, cols]), f"slice {s}: an off row was written"
-        torch.testing.assert_close(out[rows_on, cols].float(), ref[rows_on, cols].float(), **TOL[out.dtype])
+        got, want, b = (t[rows_on, cols].float() for t in (out, ref, base))
+        bound = TOL[out.dtype]["atol"] + TOL[out.dtype]["rtol"] * (b.abs() + (want - b).abs())
+        excess = (got - want).abs() - bound
+        assert not bool((excess > 0).any()) and not got.isnan().any(), \
+            f"slice {s}: {int((excess > 0).sum())} on values beyond tolerance, worst by {float(excess.max()):.3g}"
 
 
 def assert_pad_untouched(buf: torch.Tensor) -> None:
@@ -511,11 +518,11 @@ def test_gpu_serving_larger_shapes(T, rank, dtype):
     name = f"gpu-{T}-{rank}-{dtype}"
     case = Case(name, [1024, 256, 256], rank, dtype, "on", T=T, L=4, K=1024)
     _, q = case.reference_h()
-    for s in range(3):  # mixed gates: tau^2 at each slot's median ratio
+    for s in range(3):  # mixed gates: tau^2 in the widest gap of each slot's middle ratios (no token at it)
         for slot in range(1, 4):
             rows = case.slots == slot
             if rows.any():
-                case.taus[s, slot] = float(q[s][rows].median().sqrt())
+                case.taus[s, slot] = gap_tau(q[s][rows], 0.4, 0.6, min_gap=1.0)
     ref, on_ref, counters_ref = case.reference()
     skip = near_threshold(q, case.taus, case.slots)
     counters = torch.zeros(2, 4, dtype=torch.int64, device="cuda")
@@ -523,7 +530,7 @@ def test_gpu_serving_larger_shapes(T, rank, dtype):
     assert_pad_untouched(buf)
     assert_matches(out, ref, case.base, on_ref, case.off, skip=skip)
     assert counters[0].tolist() == counters_ref[0].tolist()
-    assert (counters[1].cpu() - counters_ref[1]).abs().sum() <= int(skip.sum())
+    assert (counters[1] - counters_ref[1]).abs().sum() <= int(skip.sum())
 
 
 @gpu_only
@@ -559,4 +566,6 @@ def test_gpu_check_dry_run_cpu(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["correctness"]["passed"] and result["correctness"]["cases"]
-    assert {"serving", "train"} <= result["timings"].keys()
+    timings = result["timings"]
+    assert timings["serving"] and not [row for row in timings["serving"] if "errors" in row], timings["serving"]
+    assert "errors" not in timings["train"], timings["train"]
