@@ -17,7 +17,8 @@ stay exact because tau sits in a wide gap between the tokens' ratios.)
   kept counts added.
 - The comparison catches a wrong slot, a missed row and a flipped gate (mutants must fail it).
 - Gate edge cases: zero deltas (on only at tau = 0), zero base rows (the EPS floor).
-- The custom ops are opaque to Dynamo (fullgraph compile), with working fake implementations.
+- The custom ops are opaque to Dynamo (fullgraph compile), with working fake implementations; their
+  mutated arguments have no defaults (torch < 2.13 cannot call them otherwise).
 - Training: TritonGatedLoraFn against _GatedLoraFn (out, delta_sq, grad of x, base, A, B, tau) for
   all-on, all-off and mixed gates, both backward strategies, fp32 and bf16 adapters, bf16 base.
 - tools/gpu_check.py: --help, and --dry-run-cpu (its correctness and timing paths at tiny shapes).
@@ -404,6 +405,14 @@ def test_custom_ops_are_opaque_to_dynamo():
     assert_matches(out, ref, case.base, on_ref, case.off)
     assert counters.tolist() == counters_ref.tolist()
     assert hasattr(torch.ops.tspeft, "gated_lora") and hasattr(torch.ops.tspeft, "gated_expand")
+
+
+def test_mutated_op_arguments_have_no_default():
+    """torch < 2.13 bumps the version of a custom op's mutated arguments by position without filling in
+    defaults: a mutated argument with a default, left out, raised IndexError (an H200 run, torch 2.11)."""
+    for op in (torch.ops.tspeft.gated_lora.default, torch.ops.tspeft.gated_expand.default):
+        mutated = [a for a in op._schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+        assert "output" in [a.name for a in mutated] and not [a.name for a in mutated if a.has_default_value()]
 
 
 def test_packed_gate_views_drive_the_kernels():
