@@ -132,3 +132,23 @@ def test_bench_pass_writes_each_result_and_the_base_around_them(tmp_path, monkey
     assert json.loads((args.out / "bench" / "ts-keep-half-s0.json").read_text())["prefill"] == 4.0
     frontier.bench(args, adapters)  # all measured: no engine starts
     assert len(calls) == 4
+
+
+def test_report_with_serving_figures_plots_every_configuration(tmp_path):
+    """The table and the plot from rows with serving ratios, one per configuration and seed (the plot's
+    colour and marker come from the configuration's name: every name must map)."""
+    import argparse
+
+    from frontier import configurations, report
+
+    rows = [{"config": name, "seed": seed, "modules": 52, "average": 0.4 + 0.01 * i + 0.001 * seed,
+             "prefill_vs_base": 0.9, "decode_vs_base": 0.8 + 0.01 * seed, "served_skip": 0.5}
+            for i, name in enumerate(configurations()) for seed in (0, 1)]
+    args = argparse.Namespace(out=tmp_path, eval_limit=60)
+    report(args, rows)
+    assert (tmp_path / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = (tmp_path / "frontier.md").read_text()
+    for i, name in enumerate(configurations()):
+        assert f"| {name} | 2 | 52 |" in table
+        assert i == 0 or f"| {i:+.1f} ± 0.0 |" in table  # paired with dense LoRA by seed
+    assert "| 0.90 ± 0.00 | 0.81 ± 0.01 | 50.0 ± 0.0 |" in table

