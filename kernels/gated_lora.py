@@ -30,18 +30,16 @@ with an all-reduce: the shrink h of a row-parallel layer (a partial sum over its
 over its share of the outputs: its Gram matrices are those of its rows of B). Every rank then takes the
 decision one device takes.
 
-The path is written for vLLM's Inductor compilation on CPU (`tspeft_rt.serve.plugin` keeps it on with
-gated adapters): a fixed sequence of tensor ops whose shapes depend only on T and the layer, with no
-host synchronisation and no Python branch on data or on which adapters are loaded, so vLLM traces it
-once into the model's graph and Inductor fuses the norms, the decision, the mask and the add into a few
-loops around the two matmuls. The Gram form keeps the decision off the [T, sum N] delta: only the base's
-norms and the add read whole output rows, which is what a prefill-sized call pays for (README,
-*Serving throughput on CPU*). The price of that shape is arithmetic: every token runs every slot's
-shrink and expand ([T, in] x [in, L*S*r] and [T, L*S*r] x [L*S*r, N], the other slots' blocks of h
-zeroed), i.e. max_loras times plain LoRA's multiply-adds, and off tokens are masked, not skipped. At
-LoRA ranks that is a few per cent of the base layer per slot (serve CPU with --max-loras as small as
-the traffic allows); the Triton kernels on CUDA, which sort tokens by slot and skip off rows, are the
-path that saves the work.
+The path is written for vLLM's Inductor compilation: a fixed sequence of tensor ops whose shapes
+depend only on T and the layer, with no host synchronisation and no Python branch on data or on which
+adapters are loaded, so vLLM traces it once into the model's graph. The price of that shape is
+arithmetic: every token runs every slot's shrink and expand ([T, in] x [in, L*S*r] and
+[T, L*S*r] x [L*S*r, N], the other slots' blocks of h zeroed) and off tokens are masked, not skipped;
+and in a decode step its ~8 kernels per layer call cost more in call overhead than in arithmetic. So
+on CPU a LoRA layer on one device runs `tspeft_rt.kernels.gated_lora_cpu` instead (the same decisions in
+one C++ op per call, each token's own slot only, off tokens skipping the expand); this path serves DoRA
+slots, tensor-parallel layers and CPUs where that op cannot be built, and is the oracle of both the op
+and the Triton kernels.
 """
 
 from __future__ import annotations
@@ -75,7 +73,7 @@ def lora_segments(slots: Tensor, max_loras: int) -> tuple[Tensor, Tensor, Tensor
 
 class PackedLoRA:
     """Every slot's LoRA of one layer, slots and slices packed side by side: A [L*S*r, in] and the
-    block-diagonal B [sum N, L*S*r] (column block l*S + s holds B_s[l]), the gate state per slot and
+    block-diagonal B stored transposed, b_t [L*S*r, sum N] (row block l*S + s holds B_s[l]^T), the gate state per slot and
     slice: tau [L, S] fp32 (`UNCOVERED` where the slot's adapter has no weights), tau^2 and floor, which
     slices each slot covers, and the Gram matrices [L, S*r, S*r] fp32 the gate decides with (both paths).
     Without `pack_weights` (the Triton path, which reads vLLM's own buffers) the weights are not copied.
@@ -91,7 +89,7 @@ class PackedLoRA:
         self.max_loras, self.rank, self.output_slices = max_loras, rank, tuple(output_slices)
         self.offsets = [sum(output_slices[:i]) for i in range(s + 1)]
         self.a = torch.zeros(max_loras * s * rank, in_features, dtype=dtype, device=device) if pack_weights else None
-        self.b = torch.zeros(n, max_loras * s * rank, dtype=dtype, device=device) if pack_weights else None
+        self.b_t = torch.zeros(max_loras * s * rank, n, dtype=dtype, device=device) if pack_weights else None
         self.gram = torch.zeros(max_loras, s * rank, s * rank, dtype=torch.float32, device=device)
         self.tau = torch.full((max_loras, s), UNCOVERED, dtype=torch.float32, device=device)
         self.tau_sq, self.floor = gate_thresholds(self.tau)  # what the gate compares against
@@ -118,7 +116,7 @@ class PackedLoRA:
             if self.a is not None:
                 cols = slice(slot * sr + s * r, slot * sr + (s + 1) * r)
                 self.a[cols] = a
-                self.b[self.offsets[s]:self.offsets[s + 1], cols] = b
+                self.b_t[cols, self.offsets[s]:self.offsets[s + 1]] = b.T
             if self.counted is not None:
                 b = b * self.counted[self.offsets[s]:self.offsets[s + 1], None].to(b.dtype)
             self.gram[slot, s * r:(s + 1) * r, s * r:(s + 1) * r] = gram(b)
@@ -127,7 +125,7 @@ class PackedLoRA:
         if self.a is not None:
             sr = len(self.output_slices) * self.rank
             self.a[slot * sr:(slot + 1) * sr] = 0
-            self.b[:, slot * sr:(slot + 1) * sr] = 0
+            self.b_t[slot * sr:(slot + 1) * sr] = 0
         self.gram[slot] = 0
         self.covered[slot] = False
         self.covered_count[slot] = 0
@@ -185,7 +183,7 @@ def gated_lora(output: Tensor, x: Tensor, packed: PackedLoRA, slots: Tensor, cou
     h, dora_delta, on, mine = gate_decisions(output, x, packed, slots, shards)
     if dora_delta is None:  # one expand of the kept (token, slice) pairs' shrink, each token's own slot's
         kept = h * (mine.unsqueeze(2) & on.unsqueeze(1)).unsqueeze(3)
-        output += (kept.flatten(1) @ packed.b.T).to(output.dtype)
+        output += (kept.flatten(1) @ packed.b_t).to(output.dtype)
     else:
         output += (dora_delta * on[:, packed.column_slice]).to(output.dtype)
     if counters is not None:
@@ -240,7 +238,7 @@ def gate_decisions(output: Tensor, x: Tensor, packed: PackedLoRA, slots: Tensor,
 
 def own_lora_delta(h: Tensor, mine: Tensor, packed: PackedLoRA) -> Tensor:
     """B[slot] h [T, sum N]: each token's own slot's LoRA delta, from `gate_decisions`' h and mine."""
-    return (h * mine[:, :, None, None]).flatten(1) @ packed.b.T
+    return (h * mine[:, :, None, None]).flatten(1) @ packed.b_t
 
 
 def slice_sq_norms(t: Tensor, offsets: Sequence[int], counted: Tensor | None = None) -> Tensor:

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from tspeft_rt.kernels.gated_lora import PackedLoRA, Shards, dora_scale, gated_lora, lora_segments
+from tspeft_rt.kernels.gated_lora_cpu import cpu_op_loaded, gated_lora_cpu
 from tspeft_rt.kernels.triton_gated_lora import LoRAWeights, gated_lora_triton, packed_gate_views
 
 
@@ -62,19 +63,25 @@ class SlotBatch:
 class GatedSlots:
     """A gated layer's per-slot state over vLLM's stacked buffers lora_a[s] [L, 1, r, in] and
     lora_b[s] [L, 1, N_s, r]. `use_triton`: the Triton kernels (default on CUDA at one device; the
-    tests also run them on CPU under the interpreter). `dora`: the layer keeps DoRA's per-slot scale
+    tests also run them on CPU under the interpreter). `use_cpu_op`: the C++ op (`gated_lora_cpu`: one
+    call per layer, each token's own slot only, off tokens skip the expand; default on CPU for LoRA
+    layers on one device, where it can be built), else the PyTorch path. `dora`: the layer keeps DoRA's per-slot scale
     (`bias`: the bias its base output includes). A tensor-parallel layer (`shards`) runs the PyTorch
     path on any device: the kernels fuse the decision into the expand, with no room for the all-reduce
     between the norms and the expand."""
 
     def __init__(self, lora_a: Sequence[Tensor], lora_b: Sequence[Tensor], output_slices: Sequence[int],
                  use_triton: bool | None = None, shards: Shards | None = None, dora: bool = False,
-                 bias: Tensor | None = None) -> None:
+                 bias: Tensor | None = None, use_cpu_op: bool | None = None) -> None:
         device = lora_a[0].device
         self.shards = shards
         self.use_triton = (device.type == "cuda" and shards is None) if use_triton is None else use_triton
         if self.use_triton and shards is not None:
             raise ValueError("tspeft-rt: the Triton kernels do not take tensor-parallel shards")
+        cpu_op_fits = device.type == "cpu" and not self.use_triton and shards is None and not dora
+        if use_cpu_op and not cpu_op_fits:
+            raise ValueError("tspeft-rt: the CPU op serves LoRA layers on one CPU device only")
+        self.use_cpu_op = cpu_op_fits and cpu_op_loaded() if use_cpu_op is None else use_cpu_op
         self.lora_a, self.lora_b = list(lora_a), list(lora_b)
         self.num_slices = len(output_slices)
         max_loras, rank, in_features = lora_a[0].shape[0], lora_a[0].shape[-2], lora_a[0].shape[-1]
@@ -117,5 +124,7 @@ class GatedSlots:
         if self.use_triton:
             gated_lora_triton(output, x, self.weights, self.grams, self.taus, batch.segments(), counters,
                               self.packed.scale, self.packed.bias)
+        elif self.use_cpu_op:
+            gated_lora_cpu(output, x, self.packed, batch.slots, counters)
         else:
             gated_lora(output, x, self.packed, batch.slots, counters, self.shards)

@@ -77,7 +77,7 @@ LAYERS = {
 class Case:
     """One wrapped layer with adapters in slots 0 and 2, and its per-token reference."""
 
-    def __init__(self, kind: str, seed: int, gated: bool = True, use_triton: bool = False) -> None:
+    def __init__(self, kind: str, seed: int, gated: bool = True, path: str = "cpu-op") -> None:
         torch.manual_seed(seed)
         make_base, stock_cls = LAYERS[kind]
         self.base = make_base()
@@ -89,9 +89,10 @@ class Case:
         self.config = LoRAConfig(max_loras=MAX_LORAS, max_lora_rank=MAX_RANK, lora_dtype=torch.float32)
         self.layer = cls(self.base)
         self.layer.create_lora_weights(MAX_LORAS, self.config)
-        if use_triton:  # the CUDA path, on CPU tensors under Triton's interpreter
+        if path != "cpu-op":  # the CUDA path on CPU tensors under Triton's interpreter, or the PyTorch path
             self.layer.gated = GatedSlots(self.layer.lora_a_stacked, self.layer.lora_b_stacked,
-                                          self.layer.output_slices, use_triton=True)
+                                          self.layer.output_slices, use_triton=path == "triton",
+                                          use_cpu_op=False)
         self.punica = get_gated_punica_wrapper(256, max_batches=256, device="cpu", lora_config=self.config)
         self.layer.set_mapping(self.punica)
         self.in_features = self.base.input_size
@@ -155,6 +156,7 @@ def split_tau(ratios: torch.Tensor, q: float) -> float:
     return float((r[i - 1] + r[i]) / 2)
 
 
+PATHS = ["cpu-op", "pytorch", "triton"]  # the layer's serving paths: CPU default, its fallback, CUDA's kernels
 MIXED = [1, 1, 2, 0, 2, 1, 0, 1, 2, 2, 1, 0, 1, 2, 1, 1, 2, 0, 1, 2, 2, 1, 1, 2]  # 0 = no adapter
 
 
@@ -191,10 +193,12 @@ def test_tau_above_every_ratio_equals_base(kind):
 
 @pytest.mark.parametrize("kind", list(LAYERS))
 @pytest.mark.parametrize("seed,repeat", [(3, 1), (4, 8)])
-def test_intermediate_tau_matches_reference_per_token(kind, seed, repeat):
+@pytest.mark.parametrize("path", PATHS[:2])
+def test_intermediate_tau_matches_reference_per_token(kind, seed, repeat, path):
     """Mixed slots (and tokens with no adapter), each slice of each slot with its own tau; a decode-sized
-    batch and a prefill-sized one whose first slice keeps 8 % of its rows."""
-    case = Case(kind, seed=seed)
+    batch (the CPU op's per-token loops) and a prefill-sized one (its matmuls) whose first slice keeps
+    8 % of its rows."""
+    case = Case(kind, seed=seed, path=path)
     ids = MIXED * repeat
     x = torch.randn(len(ids), case.in_features)
     taus = {}
@@ -251,12 +255,12 @@ def test_set_gate_checks_slice_count():
         case.layer.set_gate(0, [0.1, 0.2])
 
 
-@pytest.mark.parametrize("use_triton", [False, True], ids=["cpu-path", "triton-path"])
-def test_metadata_sequence_adapter_base_only_padded(use_triton):
+@pytest.mark.parametrize("path", PATHS)
+def test_metadata_sequence_adapter_base_only_padded(path):
     """vLLM's own metadata code through an adapter batch, a base-only batch and a padded batch (more
     rows than mapped tokens, as CUDA graphs run): base-only and padding rows keep the base bit for bit.
     The Triton path once read vLLM's CUDA kernel metadata, which a base-only batch leaves stale."""
-    case = Case("merged_qkv", seed=10, use_triton=use_triton)
+    case = Case("merged_qkv", seed=10, path=path)
     gen = torch.Generator().manual_seed(11)
     x = torch.randn(len(MIXED), case.in_features, generator=gen)
     all_adapter = [a or 1 for a in MIXED]
@@ -270,12 +274,12 @@ def test_metadata_sequence_adapter_base_only_padded(use_triton):
     assert torch.equal(case.run(base_only[:3], x), base), "a padded base-only batch got a delta"
 
 
-@pytest.mark.parametrize("use_triton", [False, True], ids=["cpu-path", "triton-path"])
-def test_slices_an_adapter_lacks_are_neither_applied_nor_counted(use_triton):
+@pytest.mark.parametrize("path", PATHS)
+def test_slices_an_adapter_lacks_are_neither_applied_nor_counted(path):
     """A q,v adapter in the packed qkv layer (vLLM passes None for the missing k) and an adapter with no
     weights in the layer (pruned: vLLM resets its slot): those rows keep the base, and the telemetry
     counts only the (token, slice) updates the adapters cover."""
-    case = Case("merged_qkv", seed=14, use_triton=use_triton)
+    case = Case("merged_qkv", seed=14, path=path)
     (qa, qb), _, (va, vb) = case.weights[1]
     case.layer.set_lora(0, [qa, None, va], [qb, None, vb])
     case.layer.reset_lora(2)
@@ -295,14 +299,14 @@ def test_slices_an_adapter_lacks_are_neither_applied_nor_counted(use_triton):
     assert counts(2) == before[1]
 
 
-@pytest.mark.parametrize("use_triton", [False, True], ids=["cpu-path", "triton-path"])
-def test_layer_traces_whole_with_torch_compile(use_triton):
+@pytest.mark.parametrize("path", PATHS)
+def test_layer_traces_whole_with_torch_compile(path):
     """The layer's path under torch.compile(fullgraph=True, dynamic=True) (aot_eager here; the e2e
     server runs the CPU path under vLLM's Inductor compilation): no graph break, the gate decisions and
     counters of eager, and later batches' slots, batch sizes, adapters and thresholds reach the
     compiled code (it reads the layer's and the batch's buffers, not values frozen at trace time)."""
     backend = "aot_eager"
-    case = Case("merged_qkv", seed=12, use_triton=use_triton)
+    case = Case("merged_qkv", seed=12, path=path)
     x = torch.randn(len(MIXED), case.in_features, generator=torch.Generator().manual_seed(13))
     case.layer.set_gate(0, [0.0, 1e6, split_tau(case.ratios(MIXED, x, 1, 2), 0.5)])
     compiled = torch.compile(lambda x, out: case.layer._apply_lora_to_output(x, out), backend=backend,
