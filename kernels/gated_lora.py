@@ -73,9 +73,10 @@ def lora_segments(slots: Tensor, max_loras: int) -> tuple[Tensor, Tensor, Tensor
 
 class PackedLoRA:
     """Every slot's LoRA of one layer, slots and slices packed side by side: A [L*S*r, in] and the
-    block-diagonal B stored transposed, b_t [L*S*r, sum N] (row block l*S + s holds B_s[l]^T), the gate state per slot and
-    slice: tau [L, S] fp32 (`UNCOVERED` where the slot's adapter has no weights), tau^2 and floor, which
-    slices each slot covers, and the Gram matrices [L, S*r, S*r] fp32 the gate decides with (both paths).
+    block-diagonal B stored transposed, b_t [L*S*r, sum N] (row block l*S + s holds B_s[l]^T), the gate
+    state per slot and slice: tau [L, S] fp32 (`UNCOVERED` where the slot's adapter has no weights),
+    tau^2 and floor, which slices each slot covers, and the Gram matrices [L, S*r, S*r] fp32 the gate
+    decides with (every path).
     Without `pack_weights` (the Triton path, which reads vLLM's own buffers) the weights are not copied.
     With `dora`: the DoRA scale c [L, sum N] fp32 per slot (ones: LoRA) and the `bias` the base output
     includes (None: no bias), to recover W0 x. `counted` [sum N] (1/0, `Shards.counted`): the output rows

@@ -137,9 +137,16 @@ void gated_lora_cpu(at::Tensor& output, const at::Tensor& x, const at::Tensor& a
                     int64_t loop_tokens) {
   const int64_t tokens = x.size(0), max_loras = tau_sq.size(0), slices = tau_sq.size(1);
   TORCH_CHECK(output.size(0) == tokens && output.stride(1) == 1 && x.stride(1) == 1, "tspeft-rt: rows of x and output");
-  TORCH_CHECK(a.is_contiguous() && b_t.is_contiguous() && gram.is_contiguous(), "tspeft-rt: packed weights");
+  TORCH_CHECK(a.is_contiguous() && b_t.is_contiguous() && gram.is_contiguous() && tau_sq.is_contiguous() &&
+              floor.is_contiguous() && covered.is_contiguous() && covered_count.is_contiguous() &&
+              gram.scalar_type() == at::kFloat && tau_sq.scalar_type() == at::kFloat &&
+              floor.scalar_type() == at::kFloat && covered.scalar_type() == at::kBool &&
+              covered_count.scalar_type() == at::kLong, "tspeft-rt: packed layer state (contiguous, dtypes)");
   TORCH_CHECK(x.scalar_type() == output.scalar_type() && a.scalar_type() == x.scalar_type(), "tspeft-rt: dtypes");
   TORCH_CHECK(slots.scalar_type() == at::kInt && slots.size(0) >= tokens, "tspeft-rt: slots int32 [>= T]");
+  TORCH_CHECK(counters.numel() == 0 || (counters.scalar_type() == at::kLong && counters.dim() == 2 &&
+                                        counters.size(0) == 2 && counters.size(1) >= max_loras),
+              "tspeft-rt: counters int64 [2, >= L]");
   TORCH_CHECK(x.size(1) == a.size(1) && b_t.size(1) == output.size(1) && b_t.size(0) == a.size(0) &&
               static_cast<int64_t>(offsets.size()) == slices + 1 && offsets.back() == output.size(1),
               "tspeft-rt: shapes of the packed layer");

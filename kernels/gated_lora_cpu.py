@@ -9,12 +9,13 @@ form, and the expand of the slices that are on; off tokens skip the expand. Abov
 (prefill) the shrink and the expand are one matmul each, with the same per-token decisions.
 
 The decisions are the PyTorch path's (h rounded to the model dtype, squared norms and thresholds in
-fp32), up to the order of summation; tests/test_serve_layers.py checks them token by token. LoRA slots
-on one device only: DoRA and tensor-parallel layers keep the PyTorch path.
+fp32), up to the order of summation; tests/test_kernels_cpu.py and tests/test_serve_layers.py check
+them token by token. LoRA slots on one device only: DoRA and tensor-parallel layers keep the PyTorch
+path.
 
-The extension is compiled on first use with the compiler Inductor uses (`torch.utils.cpp_extension`,
-cached under TORCH_EXTENSIONS_DIR, ~1 minute once per machine); built for the host CPU (-march=native),
-so the build's name carries a fingerprint of the CPU's model and flags.
+The op is compiled on first use with the C++ compiler Inductor uses (`torch.utils.cpp_extension`,
+cached under TORCH_EXTENSIONS_DIR, ~35 s once per machine and source); built for the host CPU
+(-march=native), so the build's name carries a fingerprint of the CPU's model and flags.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ def load_op() -> None:
     loaded from the cache) and its shape function for tracing."""
     from torch.utils.cpp_extension import load
 
-    load(name=f"tspeft_gated_lora_cpu_{_cpu_fingerprint()}", sources=[str(Path(__file__).with_name("gated_lora_cpu.cpp"))],
+    load(name=f"tspeft_gated_lora_cpu_{_cpu_fingerprint()}",
+         sources=[str(Path(__file__).with_name("gated_lora_cpu.cpp"))],
          extra_cflags=["-O3", "-march=native", "-fopenmp"], is_python_module=False, verbose=False)
 
     @torch.library.register_fake("tspeft::gated_lora_cpu")
@@ -71,7 +73,8 @@ def cpu_op_loaded() -> bool:
     return True
 
 
-def gated_lora_cpu(output: Tensor, x: Tensor, packed: PackedLoRA, slots: Tensor, counters: Tensor | None = None) -> None:
+def gated_lora_cpu(output: Tensor, x: Tensor, packed: PackedLoRA, slots: Tensor,
+                   counters: Tensor | None = None) -> None:
     """`gated_lora` (same arguments; LoRA slots, one device) in one op: output [T, sum N] += the gated
     delta. `load_op()` must have run (outside any traced code: it is not traceable)."""
     x = x.to(packed.a.dtype)

@@ -65,10 +65,10 @@ class GatedSlots:
     lora_b[s] [L, 1, N_s, r]. `use_triton`: the Triton kernels (default on CUDA at one device; the
     tests also run them on CPU under the interpreter). `use_cpu_op`: the C++ op (`gated_lora_cpu`: one
     call per layer, each token's own slot only, off tokens skip the expand; default on CPU for LoRA
-    layers on one device, where it can be built), else the PyTorch path. `dora`: the layer keeps DoRA's per-slot scale
-    (`bias`: the bias its base output includes). A tensor-parallel layer (`shards`) runs the PyTorch
-    path on any device: the kernels fuse the decision into the expand, with no room for the all-reduce
-    between the norms and the expand."""
+    layers on one device, where it can be built), else the PyTorch path. `dora`: the layer keeps
+    DoRA's per-slot scale (`bias`: the bias its base output includes). A tensor-parallel layer
+    (`shards`) runs the PyTorch path on any device: the kernels fuse the decision into the expand, with
+    no room for the all-reduce between the norms and the expand."""
 
     def __init__(self, lora_a: Sequence[Tensor], lora_b: Sequence[Tensor], output_slices: Sequence[int],
                  use_triton: bool | None = None, shards: Shards | None = None, dora: bool = False,

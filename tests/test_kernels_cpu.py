@@ -38,8 +38,8 @@ def make_case(tokens: int, slices: list[int], dtype: torch.dtype, seed: int, max
     packed = PackedLoRA(max_loras, rank, in_features, slices, dtype, "cpu")
     for slot in range(max_loras):
         covered = [not (slot == 1 and s == len(slices) - 1) for s in range(len(slices))]  # slot 1 lacks the last
-        packed.set_slot(slot, [(torch.randn(rank, in_features, generator=g) / in_features**0.5).to(dtype) for _ in slices],
-                        [(torch.randn(n, rank, generator=g) / rank**0.5).to(dtype) for n in slices], covered)
+        a = [(torch.randn(rank, in_features, generator=g) / in_features**0.5).to(dtype) for _ in slices]
+        packed.set_slot(slot, a, [(torch.randn(n, rank, generator=g) / rank**0.5).to(dtype) for n in slices], covered)
     x = torch.randn(tokens, in_features + 7, generator=g).to(dtype)[:, 3:in_features + 3]
     base = (torch.randn(tokens, sum(slices) + 5, generator=g) * torch.randn(tokens, 1, generator=g).exp()).to(dtype)
     base = base[:, 2:sum(slices) + 2]
