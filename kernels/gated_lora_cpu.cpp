@@ -7,8 +7,10 @@
 //     on_s  = h_s^T G_s[l] h_s >= max(tau_s^2 max(||base_s||^2, eps^2), floor_s)  and  l covers s   (fp32)
 //     out[t, slice s] += B_s[l] h_s           only where on_s: off tokens skip the expand
 //
-// Up to `loop_tokens` tokens the shrink and the expand are loops over each token's own slot (a decode step:
-// the per-op overhead of separate matmuls dominates there); above it, one matmul each for all tokens.
+// The shrink: up to `loop_tokens` tokens, a loop over each token's own slot (a decode step: the per-op
+// overhead of a matmul dominates there); above it, one matmul for all tokens and slots. The expand is always
+// per token, of its on slices only (a rank-r expand is bound by reading and writing the output rows, so
+// skipping off rows saves what a dense matmul into the output would spend on them).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -107,24 +109,10 @@ void run(const Layer& g, at::Tensor& output, const at::Tensor& x, const at::Tens
       for (int64_t s = 0; s < g.slices; ++s) {  // every slice decides on the base output, before any add
         on[t * g.slices + s] = decide(g, l, s, h.data() + s * g.rank, out_row);
       }
-      if (h_all.defined()) continue;
       for (int64_t s = 0; s < g.slices; ++s)
         if (on[t * g.slices + s]) expand(g, l, s, h.data() + s * g.rank, bp, out_row);
     }
   });
-  if (!h_all.defined()) return;
-  // Large batches: one expand of the kept (token, slice) pairs' own-slot shrink.
-  at::Tensor kept = at::zeros({tokens, g.cols}, x.options());
-  auto kp = kept.accessor<T, 2>();
-  for (int64_t t = 0; t < tokens; ++t) {
-    const int64_t l = slots[t];
-    if (l < 0) continue;
-    const float* row = h_all.data_ptr<float>() + t * g.cols + l * sr;
-    for (int64_t s = 0; s < g.slices; ++s)
-      if (on[t * g.slices + s])
-        for (int64_t i = 0; i < g.rank; ++i) kp[t][l * sr + s * g.rank + i] = static_cast<T>(row[s * g.rank + i]);
-  }
-  output.add_(at::mm(kept, b_t));
 }
 
 }  // namespace

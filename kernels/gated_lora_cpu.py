@@ -6,7 +6,7 @@ each called from the graph's Python wrapper. In a decode step that overhead, not
 cost (a 135M model's step makes 120 such calls of 16 tokens). This op does a layer call in one C++
 function (`gated_lora_cpu.cpp`): per token, only its own slot's shrink, the decision from the Gram
 form, and the expand of the slices that are on; off tokens skip the expand. Above `LOOP_TOKENS` tokens
-(prefill) the shrink and the expand are one matmul each, with the same per-token decisions.
+(prefill) the shrink is one matmul for all tokens; the decisions and the expand stay per token.
 
 The decisions are the PyTorch path's (h rounded to the model dtype, squared norms and thresholds in
 fp32), up to the order of summation; tests/test_kernels_cpu.py and tests/test_serve_layers.py check
@@ -33,7 +33,7 @@ from tspeft_rt.gate import EPS
 from tspeft_rt.kernels.gated_lora import PackedLoRA
 
 LOOP_TOKENS = 64
-"""Up to this many tokens a layer call loops over each token's own slot; above it, one matmul each."""
+"""Up to this many tokens a layer call's shrink loops over each token's own slot; above it, one matmul."""
 
 
 def _cpu_fingerprint() -> str:
