@@ -17,6 +17,8 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -51,24 +53,48 @@ bool decide(const Layer& g, int64_t l, int64_t s, const float* h, const T* out_r
   return g.covered[k] && delta_sq >= threshold;
 }
 
-// out_row[slice s] += B_s[l] h (B stored transposed: b_t [cols, N]); the delta rounded to T before the add.
-// Columns in blocks of kBlock, each block's sums kept in registers over the r rows of B_s^T.
 constexpr int64_t kBlock = 64;
 constexpr int64_t kGrain = 8;  // tokens per thread at least: a 16-token decode step splits over two
 
+// acc[c] = sum_i rows[i * n + c] h[i] for the c < width of one column block. A full fp32 block sums in vector
+// registers (GCC/Clang vector extensions): as a local array the compiler keeps it in memory, and the loop is
+// bound by its loads and stores.
+typedef float Vec __attribute__((vector_size(64)));
+constexpr int64_t kVecs = kBlock * sizeof(float) / sizeof(Vec);
+
+template <typename T>
+void block_sums(const T* rows, int64_t n, const float* h, int64_t rank, int64_t width, float* acc) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (width == kBlock) {
+      Vec sums[kVecs] = {};
+      for (int64_t i = 0; i < rank; ++i)
+        for (int64_t v = 0; v < kVecs; ++v) {
+          Vec b;
+          std::memcpy(&b, rows + i * n + v * sizeof(Vec) / sizeof(float), sizeof b);
+          sums[v] += b * h[i];
+        }
+      std::memcpy(acc, sums, sizeof sums);
+      return;
+    }
+  }
+  std::fill(acc, acc + width, 0.f);
+  for (int64_t i = 0; i < rank; ++i) {
+    const T* row = rows + i * n;
+    const float hi_ = h[i];
+#pragma omp simd
+    for (int64_t c = 0; c < width; ++c) acc[c] += static_cast<float>(row[c]) * hi_;
+  }
+}
+
+// out_row[slice s] += B_s[l] h (B stored transposed: b_t [cols, N]); the delta rounded to T before the add.
 template <typename T>
 void expand(const Layer& g, int64_t l, int64_t s, const float* h, const T* b_t, T* out_row) {
   const int64_t lo = g.offsets[s], hi = g.offsets[s + 1];
   const T* rows = b_t + (l * g.slices + s) * g.rank * g.n;
+  float acc[kBlock];
   for (int64_t c0 = lo; c0 < hi; c0 += kBlock) {
     const int64_t width = std::min(kBlock, hi - c0);
-    float acc[kBlock] = {};
-    for (int64_t i = 0; i < g.rank; ++i) {
-      const T* row = rows + i * g.n + c0;
-      const float hi_ = h[i];
-#pragma omp simd
-      for (int64_t c = 0; c < width; ++c) acc[c] += static_cast<float>(row[c]) * hi_;
-    }
+    block_sums(rows + c0, g.n, h, g.rank, width, acc);
     T* out = out_row + c0;
 #pragma omp simd
     for (int64_t c = 0; c < width; ++c)
